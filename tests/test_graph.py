@@ -20,12 +20,14 @@ def test_gaussian_kernel_matches_dcrnn_formula():
     assert gaussian_kernel(np.array([[3.0]]), sigma=1.0, threshold=0.1)[0, 0] == 0.0  # e^-9 < 0.1
 
 
-def test_gaussian_from_edges_keeps_direction_and_sigma_is_std():
+def test_gaussian_on_road_distances_keeps_direction_and_sigma_is_std():
     edges = pd.DataFrame({"from": ["a", "b"], "to": ["b", "c"], "value": [1.0, 3.0]})
-    a = build_adjacency(_raw(edges), AdjacencyConfig(method="gaussian"))
-    sigma = np.std([1.0, 3.0])
+    a = build_adjacency(_raw(edges), AdjacencyConfig(method="gaussian", threshold=1e-6))
+    d = np.array([1.0, 3.0, 4.0])               # a->b, b->c, and a->c along the road
+    sigma = d.std()
     assert a[0, 1] == pytest.approx(np.exp(-(1.0 / sigma) ** 2))
-    assert a[1, 0] == 0.0                       # directed
+    assert a[0, 2] == pytest.approx(np.exp(-(4.0 / sigma) ** 2))
+    assert a[1, 0] == 0.0 and a[2, 0] == 0.0    # directed: no road back
     assert np.all(np.diag(a) == 1.0)            # self loops
 
 

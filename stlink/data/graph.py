@@ -2,8 +2,10 @@
 
 Methods (``data.adjacency.method``):
   given     the dense matrix of the source as is (LOS-LOOP ``los_adj.csv``, METR-LA ``adj_mx.pkl``)
-  gaussian  DCRNN kernel on edge distances: A_ij = exp(-(d_ij / sigma)^2), sigma = std of the
-            distances, entries below ``threshold`` set to 0
+  gaussian  DCRNN kernel on road distances: d_ij is the shortest directed path along the edges
+            (edge lists give adjacent links only; DCRNN's distance files give every reachable
+            pair), A_ij = exp(-(d_ij / sigma)^2), sigma = std of the finite d_ij (i != j),
+            entries below ``threshold`` set to 0
   binary    1 for every edge (common for the PEMS0x edge lists)
   auto      ``given`` for dense inputs, ``gaussian`` for distance edges, the weights for weight edges
 """
@@ -27,6 +29,16 @@ def gaussian_kernel(dist: np.ndarray, sigma: float | None, threshold: float) -> 
     a[~np.isfinite(dist)] = 0.0
     a[a < threshold] = 0.0
     return a
+
+
+def road_distances(direct: np.ndarray) -> np.ndarray:
+    """Shortest directed path lengths (N, N) from direct link lengths (inf = no link)."""
+    from scipy.sparse.csgraph import shortest_path
+
+    finite = np.where(np.isfinite(direct), direct, 0.0)
+    # csgraph reads 0 as "no edge": a zero-length link is nudged to a tiny positive length
+    finite[np.isfinite(direct) & (direct == 0)] = 1e-9
+    return shortest_path(finite, method="D", directed=True)
 
 
 def edges_to_matrix(edges: pd.DataFrame, sensor_ids: list[str], fill: float) -> np.ndarray:
@@ -63,8 +75,9 @@ def build_adjacency(raw: RawData, cfg: AdjacencyConfig) -> np.ndarray:
     elif method == "gaussian":
         if kind != "distance":
             raise DataError("data.adjacency.method=gaussian needs edge distances; this source gives weights")
-        dist = edges_to_matrix(raw.edges, ids, np.inf)
-        sigma = cfg.sigma if cfg.sigma is not None else float(raw.edges["value"].std(ddof=0))
+        dist = road_distances(edges_to_matrix(raw.edges, ids, np.inf))
+        off = dist[~np.eye(n, dtype=bool) & np.isfinite(dist)]
+        sigma = cfg.sigma if cfg.sigma is not None else (float(off.std()) if off.size > 1 else None)
         a = gaussian_kernel(dist, sigma, cfg.threshold)
     elif method == "binary":
         a = (np.isfinite(edges_to_matrix(raw.edges, ids, np.inf))).astype(np.float64)
