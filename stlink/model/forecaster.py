@@ -1,0 +1,172 @@
+"""The ST-LINK forecaster: patch tokens -> SE-Attention LLM layers (+ MRFFN) -> per-sensor head.
+
+Forward contract (training, evaluation and export rely on it exactly):
+  forward(x, x_mask, tod, dow) -> y_hat
+    x      (B, L, N, C) float32, original units (entries where x_mask is False are ignored)
+    x_mask (B, L, N)    bool, valid readings
+    tod    (B, L)       float32, fraction of the day in [0, 1)
+    dow    (B, L)       int64, day of week 0..6
+    y_hat  (B, H, N)    float32, channel 0 in original units
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from stlink.config import ModelConfig
+from stlink.model.backbone import load_backbone
+from stlink.model.lora import apply_lora, describe_trainable
+from stlink.model.memory import MemoryRead, topk_cosine
+from stlink.model.revin import RevIN, zscore
+from stlink.model.rotary import SpatialPhases, laplacian_eigenvectors, se_rope_cos_sin, spatial_pairs
+
+
+class PatchEmbedding(nn.Module):
+    """Token = linear(patch values and validity flags) + time-of-day slot + day-of-week, per patch."""
+
+    def __init__(self, patch_len: int, n_channels: int, hidden: int, steps_per_day: int, init_std: float):
+        super().__init__()
+        self.patch_len = patch_len
+        self.steps_per_day = steps_per_day
+        self.value = nn.Linear(patch_len * (n_channels + 1), hidden)
+        self.tod = nn.Embedding(steps_per_day, hidden)
+        self.dow = nn.Embedding(7, hidden)
+        for weight in (self.value.weight, self.tod.weight, self.dow.weight):
+            nn.init.normal_(weight, std=init_std)
+        nn.init.zeros_(self.value.bias)
+
+    def forward(self, xn: torch.Tensor, mask: torch.Tensor, tod: torch.Tensor, dow: torch.Tensor) -> torch.Tensor:
+        """xn (B, L, N, C), mask (B, L, N), tod (B, L), dow (B, L) -> tokens (B, N, P, D)."""
+        b, l, n, c = xn.shape
+        p = l // self.patch_len
+        feats = torch.cat([xn, mask[..., None].to(xn.dtype)], dim=-1)           # (B, L, N, C+1)
+        feats = feats.permute(0, 2, 1, 3).reshape(b, n, p, self.patch_len * (c + 1))  # (B, N, P, pl*(C+1))
+        slot = torch.remainder(torch.round(tod[:, :: self.patch_len] * self.steps_per_day).long(),
+                               self.steps_per_day)                               # (B, P)
+        when = self.tod(slot) + self.dow(dow[:, :: self.patch_len])              # (B, P, D)
+        return self.value(feats) + when[:, None]                                 # (B, N, P, D)
+
+
+class DecoderStack(nn.Module):
+    """The kept decoder layers run bidirectionally with precomputed (cos, sin).
+
+    ``reads`` holds one memory read (B, T, D) per MRFFN layer, for the last ``len(reads)`` layers;
+    it is added to the layer output, which equals adding it to the FFN output (parallel residual).
+    """
+
+    def __init__(self, layers: nn.ModuleList):
+        super().__init__()
+        self.layers = layers
+        for layer in layers:
+            layer.self_attn.is_causal = False  # sdpa/flash fall back to this flag when no mask is given
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, reads: list[torch.Tensor]) -> torch.Tensor:
+        first_read = len(self.layers) - len(reads)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, attention_mask=None, position_embeddings=(cos, sin), is_causal=False)  # (B, T, D)
+            if i >= first_read:
+                h = h + reads[i - first_read]
+        return h
+
+
+class Forecaster(nn.Module):
+    """ST-LINK.  Build it with :func:`build_forecaster`."""
+
+    def __init__(self, mcfg: ModelConfig, stack: nn.Module, rotary: nn.Module, config, *, n_sensors: int,
+                 n_channels: int, input_len: int, output_len: int, steps_per_day: int, adjacency: np.ndarray,
+                 scaler_mean, scaler_std, memory_keys: np.ndarray | None):
+        super().__init__()
+        hidden = config.hidden_size
+        n_pairs = rotary.inv_freq.shape[0]
+        self.mode = mcfg.spatial_rope
+        self.n_patches = input_len // mcfg.patch_len
+        self.input_len, self.output_len, self.n_sensors = input_len, output_len, n_sensors
+        self.rope_scale = float(rotary.attention_scaling)
+        self.register_buffer("scaler_mean", torch.as_tensor(scaler_mean, dtype=torch.float32).reshape(n_channels))
+        self.register_buffer("scaler_std", torch.as_tensor(scaler_std, dtype=torch.float32).reshape(n_channels))
+        self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)  # (F,)
+        self.revin = RevIN(n_channels, mcfg.revin_affine)
+        self.embed = PatchEmbedding(mcfg.patch_len, n_channels, hidden, steps_per_day,
+                                    getattr(config, "initializer_range", 0.02))
+        n_spatial = spatial_pairs(n_pairs, self.mode)
+        self.phases = (SpatialPhases(laplacian_eigenvectors(adjacency, mcfg.spatial_dim), n_spatial)
+                       if n_spatial else None)
+        self.topk = mcfg.memory_topk
+        if mcfg.mrffn == "on":
+            self.register_buffer("memory_keys", torch.as_tensor(memory_keys, dtype=torch.float32))  # (M, L)
+            self.memory = nn.ModuleList(MemoryRead(mcfg.memory_size, hidden) for _ in range(mcfg.mrffn_layers))
+        else:
+            self.memory = nn.ModuleList()
+        self.backbone = apply_lora(stack, mcfg)
+        self.norm = nn.LayerNorm(hidden)
+        self.head = nn.Linear(self.n_patches * hidden, output_len)
+
+    def rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the N*P tokens in sensor-major order, (1, N*P, head_dim)."""
+        time_pos = torch.arange(self.n_patches, device=self.inv_freq.device).repeat(n)  # (N*P,)
+        phase = None
+        if self.phases is not None:
+            phase = self.phases().repeat_interleave(self.n_patches, dim=0)  # (N*P, S)
+        cos, sin = se_rope_cos_sin(time_pos, phase, self.inv_freq, self.mode)
+        return cos[None] * self.rope_scale, sin[None] * self.rope_scale
+
+    def memory_reads(self, window: torch.Tensor) -> list[torch.Tensor]:
+        """window: plain RevIN-normalised channel 0, (B, L, N) -> one read (B, N*P, D) per MRFFN layer."""
+        if len(self.memory) == 0:
+            return []
+        sims, idx = topk_cosine(window.transpose(1, 2), self.memory_keys, self.topk)  # (B, N, k)
+        return [read(sims, idx).repeat_interleave(self.n_patches, dim=1) for read in self.memory]
+
+    def forward(self, x: torch.Tensor, x_mask: torch.Tensor, tod: torch.Tensor, dow: torch.Tensor) -> torch.Tensor:
+        b, l, n, _ = x.shape
+        assert l == self.input_len and n == self.n_sensors, (
+            f"expected x of shape (B, {self.input_len}, {self.n_sensors}, C), got {tuple(x.shape)}")
+        z = zscore(x, x_mask, self.scaler_mean, self.scaler_std)          # (B, L, N, C)
+        xn, plain, mean, std = self.revin.normalise(z, x_mask)            # (B, L, N, C), stats (B, 1, N, C)
+        h = self.embed(xn, x_mask, tod, dow).reshape(b, n * self.n_patches, -1)  # (B, N*P, D)
+        cos, sin = self.rope_tables(n)                                     # (1, N*P, head_dim), float32
+        reads = [r.to(h.dtype) for r in self.memory_reads(plain[..., 0])]
+        h = self.backbone(h, cos.to(h.dtype), sin.to(h.dtype), reads)      # (B, N*P, D)
+        h = self.norm(h).reshape(b, n, -1)                                 # (B, N, P*D)
+        y = self.head(h).transpose(1, 2)                                   # (B, H, N)
+        y = self.revin.denormalise(y, mean, std)
+        return y * self.scaler_std[0] + self.scaler_mean[0]
+
+
+def _check(mcfg: ModelConfig, n_sensors: int, input_len: int, adjacency: np.ndarray,
+           memory_keys: np.ndarray | None) -> None:
+    if mcfg.patch_len < 1 or input_len % mcfg.patch_len:
+        raise ValueError(f"input_len={input_len} must be divisible by model.patch_len={mcfg.patch_len}")
+    if np.shape(adjacency) != (n_sensors, n_sensors):
+        raise ValueError(f"adjacency has shape {np.shape(adjacency)}, expected ({n_sensors}, {n_sensors})")
+    if mcfg.spatial_rope != "off" and mcfg.spatial_dim < 1:
+        raise ValueError(f"model.spatial_dim must be >= 1 with spatial_rope={mcfg.spatial_rope}, got {mcfg.spatial_dim}")
+    if mcfg.mrffn not in ("on", "off"):
+        raise ValueError(f"model.mrffn must be 'on' or 'off', got {mcfg.mrffn!r}")
+    if mcfg.mrffn == "on":
+        if not 1 <= mcfg.mrffn_layers <= mcfg.n_layers:
+            raise ValueError(f"model.mrffn_layers={mcfg.mrffn_layers} must be in 1..n_layers={mcfg.n_layers}")
+        if not 1 <= mcfg.memory_topk <= mcfg.memory_size:
+            raise ValueError(f"model.memory_topk={mcfg.memory_topk} must be in 1..memory_size={mcfg.memory_size}")
+        expected = (mcfg.memory_size, input_len)
+        if memory_keys is None or np.shape(memory_keys) != expected:
+            raise ValueError(
+                f"model.mrffn=on needs memory_keys of shape {expected} (memory_patterns + kmeans on the "
+                f"training split), got {None if memory_keys is None else np.shape(memory_keys)}")
+
+
+def build_forecaster(mcfg: ModelConfig, *, n_sensors: int, n_channels: int, input_len: int, output_len: int,
+                     steps_per_day: int, adjacency: np.ndarray, scaler_mean, scaler_std,
+                     memory_keys: np.ndarray | None, cache_dir: Path = Path("models/backbones")) -> Forecaster:
+    """Load the backbone, add the ST-LINK modules and LoRA; prints the trainable parameter count."""
+    _check(mcfg, n_sensors, input_len, adjacency, memory_keys)
+    layers, rotary, config = load_backbone(mcfg, cache_dir)
+    model = Forecaster(
+        mcfg, DecoderStack(layers), rotary, config, n_sensors=n_sensors, n_channels=n_channels,
+        input_len=input_len, output_len=output_len, steps_per_day=steps_per_day, adjacency=adjacency,
+        scaler_mean=scaler_mean, scaler_std=scaler_std, memory_keys=memory_keys)
+    print(describe_trainable(model))
+    return model

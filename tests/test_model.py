@@ -1,0 +1,373 @@
+"""Model tests: closed forms of the rotary tables, memory retrieval, the LoRA contract, invariances
+and an overfit run, all on the ``tiny`` random Llama backbone."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from stlink.config import ModelConfig
+from stlink.data.formats import DataError, ProcessedData
+from stlink.data.windows import WindowDataset
+from stlink.model import build_forecaster, kmeans, memory_patterns, merge_lora, trainable_parameters
+from stlink.model.backbone import BackboneError, load_backbone, tiny_config
+from stlink.model.lora import lora_target_regex
+from stlink.model.memory import MemoryRead, topk_cosine
+from stlink.model.rotary import laplacian_eigenvectors, se_rope_cos_sin, spatial_pairs
+
+N, L, H, C, SPD, M = 5, 12, 12, 2, 288, 8
+
+
+def _adjacency(n: int = N, seed: int = 0) -> np.ndarray:
+    """A random weighted directed graph with self loops (no repeated Laplacian eigenvalues)."""
+    a = np.random.default_rng(seed).random((n, n)).astype(np.float32)
+    a[a < 0.3] = 0.0
+    np.fill_diagonal(a, 1.0)
+    return a
+
+
+def _keys(seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((M, L)).astype(np.float32)
+
+
+def _build(seed: int = 0, adjacency: np.ndarray | None = None, **overrides) -> torch.nn.Module:
+    mcfg = ModelConfig(**{"backbone": "tiny", "memory_size": M, **overrides})
+    torch.manual_seed(seed)
+    model = build_forecaster(
+        mcfg, n_sensors=N, n_channels=C, input_len=L, output_len=H, steps_per_day=SPD,
+        adjacency=_adjacency() if adjacency is None else adjacency, scaler_mean=[50.0, 0.2],
+        scaler_std=[10.0, 0.1], memory_keys=_keys() if mcfg.mrffn == "on" else None)
+    return model.eval()
+
+
+def _batch(b: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, L, N, C, generator=g) * torch.tensor([10.0, 0.1]) + torch.tensor([50.0, 0.2])
+    mask = torch.rand(b, L, N, generator=g) > 0.1
+    x = torch.where(mask[..., None], x, torch.zeros_like(x))  # the null value 0 where missing
+    tod = (torch.arange(L, dtype=torch.float32)[None] + torch.randint(0, 200, (b, 1), generator=g)) / SPD
+    dow = torch.randint(0, 7, (b, 1), generator=g).repeat(1, L)
+    return {"x": x, "x_mask": mask, "tod": tod, "dow": dow}
+
+
+def _rotate(q, k, cos, sin):
+    """transformers' own application step; q, k: (T, d), cos, sin: (T, d)."""
+    qr, kr = apply_rotary_pos_emb(q[None, None], k[None, None], cos[None], sin[None])
+    return qr[0, 0], kr[0, 0]
+
+
+# --- rotary tables ---------------------------------------------------------------------------
+
+HEAD_DIM, PAIRS = 16, 8
+INV_FREQ = 1.0 / (10000.0 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+
+
+def _tables(mode: str, time_shift: float = 0.0, phase_shift: float = 0.0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    n_sensors, n_patches = 3, 4
+    time_pos = torch.arange(n_patches).repeat(n_sensors).float() + time_shift            # (T,)
+    phases = torch.randn(n_sensors, spatial_pairs(PAIRS, mode), generator=g) + phase_shift
+    return se_rope_cos_sin(time_pos, phases.repeat_interleave(n_patches, 0), INV_FREQ, mode)
+
+
+@pytest.mark.parametrize("mode", ["split", "compose", "off"])
+def test_rotation_preserves_norms(mode):
+    q, k = torch.randn(12, HEAD_DIM), torch.randn(12, HEAD_DIM)
+    qr, kr = _rotate(q, k, *_tables(mode))
+    torch.testing.assert_close(qr.norm(dim=-1), q.norm(dim=-1))
+    torch.testing.assert_close(kr.norm(dim=-1), k.norm(dim=-1))
+
+
+def test_spatial_off_equals_transformers_rope():
+    config = tiny_config(ModelConfig(backbone="tiny"))
+    rotary = LlamaRotaryEmbedding(config)
+    positions = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    ref_cos, ref_sin = rotary(torch.zeros(1, 8, config.hidden_size), positions[None])
+    cos, sin = se_rope_cos_sin(positions, None, rotary.inv_freq, "off")
+    torch.testing.assert_close(cos, ref_cos[0])
+    torch.testing.assert_close(sin, ref_sin[0])
+    head_dim = cos.shape[-1]
+    q, k = torch.randn(1, 2, 8, head_dim), torch.randn(1, 2, 8, head_dim)
+    ours = apply_rotary_pos_emb(q, k, cos[None], sin[None])
+    theirs = apply_rotary_pos_emb(q, k, ref_cos, ref_sin)
+    torch.testing.assert_close(ours[0], theirs[0])
+    torch.testing.assert_close(ours[1], theirs[1])
+
+
+@pytest.mark.parametrize("mode", ["split", "compose"])
+def test_scores_depend_only_on_phase_differences(mode):
+    q, k = torch.randn(12, HEAD_DIM), torch.randn(12, HEAD_DIM)
+    base = _rotate(q, k, *_tables(mode))
+    shifted = _rotate(q, k, *_tables(mode, time_shift=7.0, phase_shift=1.3))
+    torch.testing.assert_close(shifted[0] @ shifted[1].T, base[0] @ base[1].T, atol=1e-4, rtol=1e-4)
+    other = _rotate(q, k, *_tables(mode, seed=1))  # different relative phases: scores must move
+    assert (other[0] @ other[1].T - base[0] @ base[1].T).abs().max() > 1e-2
+
+
+def test_split_and_compose_differ_and_split_sections():
+    cos_split, _ = _tables("split")
+    cos_compose, _ = _tables("compose")
+    cos_off, _ = _tables("off")
+    assert (cos_split - cos_compose).abs().max() > 1e-2
+    temporal = PAIRS - spatial_pairs(PAIRS, "split")
+    # split: the high-frequency section is plain RoPE, the rest depends on the sensor only
+    torch.testing.assert_close(cos_split[:, :temporal], cos_off[:, :temporal])
+    per_sensor = cos_split[:, temporal:PAIRS].reshape(3, 4, -1)  # (sensors, patches, S)
+    torch.testing.assert_close(per_sensor, per_sensor[:, :1].expand_as(per_sensor))
+
+
+def test_laplacian_eigenvectors_permute_with_sensors_and_check_input():
+    a = _adjacency(7)
+    perm = np.array([3, 0, 6, 1, 5, 2, 4])
+    e = laplacian_eigenvectors(a, 4)
+    e_perm = laplacian_eigenvectors(a[perm][:, perm], 4)
+    np.testing.assert_allclose(e_perm, e[perm], atol=1e-5)
+    assert e.shape == (7, 4) and laplacian_eigenvectors(a, 10)[:, 7:].max() == 0.0
+    with pytest.raises(DataError, match="square"):
+        laplacian_eigenvectors(np.ones((3, 4)), 2)
+    with pytest.raises(DataError, match="non-negative"):
+        laplacian_eigenvectors(-np.ones((3, 3)), 2)
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+def test_topk_cosine_picks_the_right_keys():
+    keys = torch.eye(6, 12) * torch.arange(1.0, 7.0)[:, None]   # key j points along axis j, any length
+    query = torch.zeros(1, 2, 12)
+    query[0, 0, 2], query[0, 0, 5], query[0, 0, 0] = 9.0, 4.0, 1.0   # closest: 2, then 5, then 0
+    query[0, 1, 4], query[0, 1, 1] = -1.0, 0.5                      # anti-aligned with key 4: never picked
+    sims, idx = topk_cosine(query, keys, 3)
+    assert idx[0, 0].tolist() == [2, 5, 0]
+    assert idx[0, 1, 0].item() == 1 and 4 not in idx[0, 1].tolist()
+    expected = torch.tensor([9.0, 4.0, 1.0]) / np.sqrt(81 + 16 + 1)
+    torch.testing.assert_close(sims[0, 0], expected)
+
+
+def test_memory_read_is_softmax_weighted_values():
+    read = MemoryRead(4, 3)
+    with torch.no_grad():
+        read.values.copy_(torch.arange(12.0).reshape(4, 3))
+    sims, idx = torch.tensor([[[0.9, 0.1]]]), torch.tensor([[[3, 1]]])
+    w = torch.softmax(sims * 10.0, dim=-1)[0, 0]
+    expected = w[0] * read.values[3] + w[1] * read.values[1]
+    torch.testing.assert_close(read(sims, idx)[0, 0], expected)
+
+
+def test_kmeans_is_deterministic_and_finds_clusters():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0] * 4, [10.0] * 4, [0, 10.0, 0, 10.0]])
+    pts = np.concatenate([c + 0.1 * rng.standard_normal((50, 4)) for c in centres])
+    keys = kmeans(pts, 3, seed=5)
+    np.testing.assert_array_equal(keys, kmeans(pts, 3, seed=5))
+    found = keys[np.argsort(keys.sum(1) + keys[:, 0])]  # order: zeros, alternating, tens
+    np.testing.assert_allclose(found, centres[[0, 2, 1]], atol=0.1)
+    with pytest.raises(ValueError, match="at least 3 patterns"):
+        kmeans(pts[:2], 3, seed=0)
+
+
+def _split_shape_dataset() -> ProcessedData:
+    """Rising curves in the training range, falling lines in validation and test."""
+    t_total, n = 400, 3
+    t = np.arange(t_total, dtype=np.float64)
+    rising = 20 + t + 3 * np.sin(2 * np.pi * t / 50)               # derivative 1 +- 0.38 > 0
+    falling = 900 - 2 * t
+    values = np.where(t < 240, rising, falling)[:, None, None] + np.arange(n)[None, :, None]
+    stamps = np.datetime64("2024-01-01T00:00") + np.arange(t_total) * np.timedelta64(5, "m")
+    return ProcessedData(
+        values=values.astype(np.float32), mask=np.ones((t_total, n), bool), timestamps=stamps,
+        adjacency=np.eye(n, dtype=np.float32), sensor_ids=[f"s{i}" for i in range(n)],
+        meta={"splits": {"train": [0, 240], "val": [240, 320], "test": [320, 400]},
+              "scaler": {"mean": [150.0], "std": [70.0]}, "steps_per_day": SPD})
+
+
+def test_memory_keys_come_from_training_windows_only():
+    data = _split_shape_dataset()
+    train = WindowDataset(data, "train", L, H)
+    patterns = memory_patterns(train, n_max=500)
+    assert patterns.shape[1] == L and len(patterns) <= 500
+    keys = kmeans(patterns, 6, seed=0)
+    assert (np.diff(keys, axis=1) > 0).all(), "a key is not a rising pattern: it came from val/test windows"
+    with pytest.raises(ValueError, match="training split"):
+        memory_patterns(WindowDataset(data, "val", L, H))
+    # the check can see leakage: the same k-means over the test windows gives falling keys
+    test = WindowDataset(data, "test", L, H)
+    test.split = "train"
+    assert (np.diff(kmeans(memory_patterns(test), 6, seed=0), axis=1) < 0).all()
+
+
+# --- the forecaster --------------------------------------------------------------------------
+
+def test_lora_trainable_set_is_exact():
+    model = _build()
+    trainable = trainable_parameters(model)
+    lora = {f"backbone.base_model.model.layers.{i}.self_attn.{p}.lora_{ab}.default.weight"
+            for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "o_proj") for ab in "AB"}
+    new = {"revin.weight", "revin.bias", "embed.value.weight", "embed.value.bias", "embed.tod.weight",
+           "embed.dow.weight", "phases.proj.weight", "memory.0.values", "memory.0.log_temperature",
+           "norm.weight", "norm.bias", "head.weight", "head.bias"}
+    assert set(trainable) == lora | new
+    # hidden 64, 4 heads x 16, 2 kv heads: per layer r*(64+64) for q and o, r*(64+32) for k and v
+    assert sum(trainable[n] for n in lora) == 2 * 8 * (128 + 96 + 96 + 128)
+    assert sum(trainable.values()) == 30449
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(".base_layer." in n or ".mlp." in n or "layernorm" in n for n in frozen)
+
+
+def test_lora_targets_are_attention_projections_only():
+    assert re.fullmatch(lora_target_regex(["q_proj", "v_proj"]), "layers.3.self_attn.v_proj")
+    assert not re.fullmatch(lora_target_regex(["q_proj"]), "layers.0.mlp.q_proj")
+    with pytest.raises(ValueError, match="gate_proj"):
+        lora_target_regex(["q_proj", "gate_proj"])
+
+
+def test_output_shape_and_original_units_for_constant_input():
+    model = _build()
+    batch = _batch()
+    level = torch.tensor([30.0, 45.0, 60.0, 55.0, 70.0])  # one constant per sensor
+    x = batch["x"].clone()
+    x[..., 0] = level
+    x = torch.where(batch["x_mask"][..., None], x, torch.zeros_like(x))  # missing readings hold 0
+    with torch.no_grad():
+        y = model(x, batch["x_mask"], batch["tod"], batch["dow"])
+    assert y.shape == (3, H, N) and y.dtype == torch.float32
+    # RevIN: a flat window has std sqrt(eps), so any forecast in RevIN space maps back to the level
+    torch.testing.assert_close(y, level.expand_as(y), atol=0.1, rtol=0.0)
+
+
+def test_masked_entries_do_not_matter():
+    model = _build()
+    batch = _batch()
+    garbage = torch.where(batch["x_mask"][..., None], batch["x"], torch.full_like(batch["x"], 1e4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch), model(garbage, batch["x_mask"], batch["tod"], batch["dow"]))
+
+
+def test_attention_is_bidirectional():
+    model = _build()
+    batch = _batch()
+    changed = batch["x"].clone()
+    changed[:, :, -1, 0] += torch.linspace(-20, 20, L)  # the last sensor only
+    with torch.no_grad():
+        before = model(**batch)
+        after = model(changed, batch["x_mask"], batch["tod"], batch["dow"])
+    assert (after[:, :, 0] - before[:, :, 0]).abs().max() > 1e-3, "the first sensor cannot see the last one"
+
+
+def test_permuting_sensors_and_graph_permutes_the_forecast():
+    perm = torch.tensor([2, 4, 0, 1, 3])
+    adjacency = _adjacency()
+    model = _build(seed=3, adjacency=adjacency)
+    model_perm = _build(seed=3, adjacency=adjacency[perm][:, perm])
+    batch = _batch()
+    with torch.no_grad():
+        y = model(**batch)
+        y_perm = model_perm(batch["x"][:, :, perm], batch["x_mask"][:, :, perm], batch["tod"], batch["dow"])
+    torch.testing.assert_close(y_perm, y[:, :, perm], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["split", "off"])
+def test_graph_enters_only_through_spatial_rope(mode):
+    batch = _batch()
+    with torch.no_grad():
+        y = _build(spatial_rope=mode)(**batch)
+        y_other = _build(spatial_rope=mode, adjacency=_adjacency(seed=9))(**batch)
+    moved = (y - y_other).abs().max().item()
+    assert moved > 1e-4 if mode == "split" else moved == 0.0
+
+
+def test_state_dict_round_trip_and_lora_merge():
+    model = _build(seed=0).train()
+    batch = _batch()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):  # move LoRA B and the memory values away from their zero init
+        opt.zero_grad()
+        model(**batch).mean().backward()
+        opt.step()
+    model.eval()
+    clone = _build(seed=1)
+    clone.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        y = model(**batch)
+        torch.testing.assert_close(clone(**batch), y)
+        assert (y - _build(seed=0)(**batch)).abs().max() > 1e-3  # training did change the model
+        merged = merge_lora(clone)
+        assert not any("lora" in n for n in merged.state_dict())
+        torch.testing.assert_close(merged(**batch), y, atol=1e-4, rtol=1e-5)
+
+
+def test_ablation_switches_build_and_run():
+    batch = _batch()
+    model = _build(spatial_rope="off", mrffn="off")
+    names = set(trainable_parameters(model))
+    assert not any(n.startswith(("phases.", "memory.")) for n in names)
+    with torch.no_grad():
+        assert model(**batch).shape == (3, H, N)
+        assert _build(spatial_rope="compose")(**batch).isfinite().all()
+
+
+def test_local_qwen2_folder_backbone_keeps_its_weights_and_sees_all_sensors(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, num_hidden_layers=3, vocab_size=20))
+    lm.save_pretrained(tmp_path / "qwen2")
+    model = _build(backbone=str(tmp_path / "qwen2"), n_layers=2)
+    kept = model.backbone.base_model.model.layers
+    assert len(kept) == 2
+    torch.testing.assert_close(kept[1].self_attn.q_proj.base_layer.weight, lm.model.layers[1].self_attn.q_proj.weight)
+    batch = _batch()
+    changed = batch["x"].clone()
+    changed[:, :, -1, 0] += 15.0 * torch.linspace(-1, 1, L)
+    with torch.no_grad():
+        moved = model(changed, batch["x_mask"], batch["tod"], batch["dow"]) - model(**batch)
+    assert moved[:, :, 0].abs().max() > 1e-4
+
+
+def test_non_llama_backbone_is_rejected(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=20)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(BackboneError, match="not a Llama-family"):
+        load_backbone(ModelConfig(backbone=str(tmp_path / "gpt2"), n_layers=1))
+    with pytest.raises(BackboneError, match="no such folder"):
+        load_backbone(ModelConfig(backbone=str(tmp_path / "absent"), n_layers=1))
+
+
+def test_bad_configuration_is_rejected():
+    with pytest.raises(ValueError, match="patch_len"):
+        _build(patch_len=5)
+    with pytest.raises(ValueError, match="memory_keys"):
+        build_forecaster(ModelConfig(backbone="tiny"), n_sensors=N, n_channels=C, input_len=L, output_len=H,
+                         steps_per_day=SPD, adjacency=_adjacency(), scaler_mean=[0, 0], scaler_std=[1, 1],
+                         memory_keys=None)
+    with pytest.raises(ValueError, match="adjacency"):
+        _build(adjacency=np.eye(N + 1, dtype=np.float32))
+    with pytest.raises(ValueError, match="spatial_rope"):
+        _build(spatial_rope="diagonal")
+
+
+def test_overfits_one_batch():
+    model = _build(seed=0, mrffn_layers=2).train()
+    batch = _batch(b=8, seed=4)
+    steps = torch.arange(L + H, dtype=torch.float32)
+    phase = torch.arange(N, dtype=torch.float32)[None, :]
+    offset = torch.arange(8, dtype=torch.float32)[:, None, None]
+    series = 50 + 10 * torch.sin(steps[None, :, None] / 4 + phase + offset)   # (B, L+H, N)
+    x = batch["x"].clone()
+    x[..., 0] = series[:, :L]
+    y = series[:, L:]
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / 300)
+    losses = []
+    for _ in range(300):
+        opt.zero_grad()
+        loss = (model(x, batch["x_mask"], batch["tod"], batch["dow"]) - y).abs().mean()
+        loss.backward()
+        opt.step()
+        decay.step()
+        losses.append(loss.item())
+    assert losses[0] > 5.0 and losses[-1] < 0.15, f"MAE {losses[0]:.2f} -> {losses[-1]:.3f} (amplitude 10)"
