@@ -1,0 +1,202 @@
+"""Training of the real forecaster (``tiny`` random backbone) on a tiny generated dataset."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_processed, tiny_params
+from stlink.config import to_dict
+from stlink.data.formats import load_processed, save_processed
+from stlink.data.windows import WindowDataset
+from stlink.model.lora import trainable_parameters
+from stlink.training.baselines import build_baselines
+from stlink.training.checkpoint import data_checksum, load_checkpoint, load_trained
+from stlink.training.metrics import MetricAccumulator
+from stlink.training.train import masked_mae_loss, train, warmup_cosine
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest (and far more steadily on a shared 2-core box) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_processed(tmp_path_factory.mktemp("data"), days=10, seed=1)
+
+
+def run(data_dir, out, cache, **train_cfg):
+    return train(tiny_params(**train_cfg), out, data_dir=data_dir, cache_dir=cache)
+
+
+def test_masked_loss_ignores_invalid_targets():
+    y = torch.tensor([[[1.0, float("nan")], [3.0, 0.0]]])
+    m = torch.tensor([[[True, False], [True, False]]])
+    yhat = torch.tensor([[[2.0, 5.0], [1.0, 7.0]]], requires_grad=True)
+    loss = masked_mae_loss(yhat, y, m)
+    assert loss.item() == pytest.approx(1.5)
+    loss.backward()
+    assert torch.isfinite(yhat.grad).all() and yhat.grad[0, :, 1].abs().sum() == 0
+
+
+def test_warmup_then_cosine_to_zero():
+    f = warmup_cosine(4, 20)
+    assert [f(s) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert f(4) == pytest.approx(1.0) and f(12) == pytest.approx(0.5) and f(20) == pytest.approx(0.0)
+    assert all(f(s) >= f(s + 1) for s in range(4, 20))
+
+
+def test_learns_to_beat_last_value(data_dir, tmp_path):
+    summary = run(data_dir, tmp_path / "m", tmp_path / "bb", epochs=6, max_train_batches=None,
+                  max_val_batches=None, lr=5e-3)
+    data = load_processed(data_dir)
+    val = WindowDataset(data, "val", 12, 12)
+    acc = MetricAccumulator(12)
+    last_value = build_baselines(data, 12)["last_value"]
+    for i in range(len(val)):
+        acc.update(val[i]["y"], last_value(val[i]), val[i]["y_mask"])
+    losses = [h["train_loss"] for h in summary["history"]]
+    assert losses[-1] < 0.5 * losses[0]
+    assert summary["best_val_mae"] < 0.5 * acc.result()["mae"], (summary["best_val_mae"], acc.result()["mae"])
+
+
+def test_outputs_and_reload_reproduce_the_best_val_mae(data_dir, tmp_path):
+    out = tmp_path / "m"
+    params = tiny_params(epochs=2)
+    summary = train(params, out, data_dir=data_dir, cache_dir=tmp_path / "bb")
+    assert {"best.pt", "last.pt", "config.json", "data_meta.json", "train_metrics.json"} <= set(os.listdir(out))
+    assert json.loads((out / "config.json").read_text()) == json.loads(json.dumps(to_dict(params)))
+    meta = json.loads((out / "data_meta.json").read_text())
+    assert meta["data_sha256"] == data_checksum(data_dir) == summary["data_sha256"]
+    assert meta["sensor_ids"] == ["s0", "s1", "s2", "s3"]
+    on_disk = json.loads((out / "train_metrics.json").read_text())
+    assert on_disk["best_val_mae"] == summary["best_val_mae"]
+    assert [h["epoch"] for h in on_disk["history"]] == [1, 2]
+    for key in ("train_loss", "val_mae", "seconds", "samples_per_s", "lr", "batches"):
+        assert all(h[key] is not None for h in on_disk["history"]), key
+    assert on_disk["history"][0]["batches"] == 6  # max_train_batches
+    assert on_disk["peak_memory_mb"] > 0 and on_disk["num_processes"] == 1
+
+    model, p2, meta2 = load_trained(out, cache_dir=tmp_path / "bb")
+    assert to_dict(p2) == to_dict(params) and meta2["steps_per_day"] == 48
+    assert summary["trainable_params"] == sum(trainable_parameters(model).values()) > 0
+    # best.pt reproduces the val MAE it was chosen for (same capped validation windows)
+    data = load_processed(data_dir)
+    val = WindowDataset(data, "val", 12, 12)
+    idx = np.linspace(0, len(val) - 1, min(len(val), 2 * 16)).round().astype(int)
+    acc = MetricAccumulator(12)
+    with torch.no_grad():
+        for i in idx:
+            w = {k: torch.as_tensor(v)[None] for k, v in val[int(i)].items()}
+            acc.update(w["y"], model(w["x"], w["x_mask"], w["tod"], w["dow"]), w["y_mask"])
+    assert acc.result()["mae"] == pytest.approx(summary["best_val_mae"], rel=1e-5)
+    assert load_checkpoint(out / "best.pt")["epoch"] == summary["best_epoch"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(data_dir, tmp_path):
+    cache = tmp_path / "bb"
+    full = run(data_dir, tmp_path / "full", cache, epochs=3)
+
+    def crash_after_first(epoch, record):
+        if epoch == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(tiny_params(epochs=3), tmp_path / "cut", data_dir=data_dir, cache_dir=cache,
+              on_epoch_end=crash_after_first)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["state"]["epoch"] == 1
+    seen = []
+    resumed = train(tiny_params(epochs=3), tmp_path / "cut", resume=True, data_dir=data_dir, cache_dir=cache,
+                    on_epoch_end=lambda e, r: seen.append(e))
+    assert seen == [2, 3]  # epoch 1 was not trained again
+    for key in ("train_loss", "val_mae", "lr"):
+        assert [h[key] for h in resumed["history"]] == [h[key] for h in full["history"]], key
+    a, b = (load_checkpoint(tmp_path / d / "last.pt") for d in ("full", "cut"))
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert full["history"][0]["val_mae"] != full["history"][-1]["val_mae"]  # the weights did move
+
+
+def test_resume_continues_only_the_same_data_and_params(data_dir, tmp_path):
+    folder = tmp_path / "data"
+    data = load_processed(data_dir)
+    save_processed(data, folder)
+    first = run(folder, tmp_path / "m", tmp_path / "bb", epochs=1)
+    seen = []
+
+    def again(**train_cfg):
+        seen.clear()
+        return train(tiny_params(**train_cfg), tmp_path / "m", resume=True, data_dir=folder,
+                     cache_dir=tmp_path / "bb", on_epoch_end=lambda e, r: seen.append(e))
+
+    same = again(epochs=1)
+    assert same["history"] == first["history"] and same["best_val_mae"] == first["best_val_mae"]
+    assert seen == []  # a finished run of the same config: nothing to do (an idempotent DVC stage)
+    again(epochs=1, lr=1e-3)
+    assert seen == [1]  # other params: a fresh run, not a continuation
+    data.values = data.values.copy()
+    data.values[0, 0, 0] += 1.0
+    save_processed(data, folder)
+    again(epochs=1, lr=1e-3)
+    assert seen == [1]  # other data: a fresh run
+    assert load_checkpoint(tmp_path / "m" / "last.pt")["data_sha256"] == data_checksum(folder)
+
+
+def test_early_stopping_stops_after_patience(data_dir, tmp_path):
+    # lr 0: the val MAE never improves after epoch 1, so patience 2 stops after epoch 3
+    summary = run(data_dir, tmp_path / "m", tmp_path / "bb", epochs=10, lr=0.0, patience=2,
+                  max_train_batches=1, max_val_batches=1)
+    assert summary["stopped_early"] is True
+    assert summary["epochs_run"] == 3 and summary["best_epoch"] == 1
+    assert len({h["val_mae"] for h in summary["history"]}) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_data_parallel(data_dir, tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` on CPU (gloo): each process trains on half
+    the batches and only the main process writes."""
+    out = tmp_path / "m"
+    script = tmp_path / "run_train.py"
+    script.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "torch.set_num_threads(1)\n"
+        "from pathlib import Path\n"
+        "from conftest import tiny_params\n"
+        "from stlink.training.train import train\n"
+        f"train(tiny_params(epochs=1, max_train_batches=None, max_val_batches=None), Path({str(out)!r}),\n"
+        f"      data_dir=Path({str(data_dir)!r}), cache_dir=Path({str(tmp_path / 'bb')!r}))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(_free_port()), str(script)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["num_processes"] == 2
+    n_train = len(WindowDataset(load_processed(data_dir), "train", 12, 12))
+    assert metrics["history"][0]["batches"] == -(-n_train // (16 * 2))  # each process: half the batches
+    assert (out / "best.pt").exists() and (out / "last.pt").exists()
+    assert not [p for p in os.listdir(out) if p.startswith(".")]  # no stray temp files from a second writer
+    load_trained(out, cache_dir=tmp_path / "bb")
