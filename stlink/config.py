@@ -82,6 +82,7 @@ class PrepareConfig:
 class ModelConfig:
     backbone: str = "smollm2"   # smollm2 | tiny | a local HF directory | a hub id (online only)
     n_layers: int = 2           # first decoder layers kept
+    pretrained: bool = True     # false: same architecture, random weights (the "no pretraining" ablation)
     patch_len: int = 3          # steps per token
     spatial_rope: str = "split"  # split | compose | off
     spatial_dim: int = 8        # Laplacian eigenvectors used for the sensor phases

@@ -327,6 +327,23 @@ def test_local_qwen2_folder_backbone_keeps_its_weights_and_sees_all_sensors(tmp_
     assert moved[:, :, 0].abs().max() > 1e-4
 
 
+def test_pretrained_false_keeps_architecture_but_not_weights(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, num_hidden_layers=2, vocab_size=20))
+    lm.save_pretrained(tmp_path / "llama")
+    layers, _, _ = load_backbone(ModelConfig(backbone=str(tmp_path / "llama"), n_layers=2, pretrained=False))
+    ref = lm.model.layers
+    for mine, theirs in zip(layers, ref):
+        assert mine.self_attn.q_proj.weight.shape == theirs.self_attn.q_proj.weight.shape
+        assert not torch.allclose(mine.self_attn.q_proj.weight, theirs.self_attn.q_proj.weight)
+        assert not torch.allclose(mine.mlp.up_proj.weight, theirs.mlp.up_proj.weight)
+    same, _, _ = load_backbone(ModelConfig(backbone=str(tmp_path / "llama"), n_layers=2))
+    torch.testing.assert_close(same[0].mlp.up_proj.weight, ref[0].mlp.up_proj.weight)
+
+
 def test_non_llama_backbone_is_rejected(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -129,6 +129,19 @@ def _load_pretrained(source: str, n_layers: int):
     return inner.layers, inner.rotary_emb, model.config
 
 
+def _random_like(config, n_layers: int):
+    """Layers and rotary of the same architecture with fresh random weights (ablation)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers = n_layers
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    log.info("model.pretrained=false: %d randomly initialised %s layers", n_layers, type(model).__name__)
+    return model.model.layers, model.model.rotary_emb
+
+
 def check_layers(layers: nn.ModuleList, config) -> None:
     """Every kept layer has the Llama block structure and the shapes ``config`` implies."""
     hidden = config.hidden_size
@@ -167,6 +180,8 @@ def load_backbone(mcfg: ModelConfig, cache_dir: Path = Path("models/backbones"))
             if not source.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
                 raise BackboneError(f"model.backbone={mcfg.backbone!r}: no such folder, and the hub is offline")
         layers, rotary, config = _load_pretrained(str(source), mcfg.n_layers)
+        if not mcfg.pretrained:
+            layers, rotary = _random_like(config, mcfg.n_layers)
     if len(layers) != mcfg.n_layers:
         raise BackboneError(f"{mcfg.backbone}: got {len(layers)} decoder layers, expected {mcfg.n_layers}")
     check_layers(layers, config)

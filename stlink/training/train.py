@@ -285,13 +285,8 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
     else:
         if resume:
             log.warning("not resuming %s: %s; training from scratch", last_path, mismatch or "no checkpoint")
-        if main:
-            for name in ("best.pt", "last.pt", "train_metrics.json"):
-                (out_dir / name).unlink(missing_ok=True)
-    if main:
-        write_json(out_dir / "config.json", to_dict(params))
-        write_json(out_dir / "data_meta.json", {**data.meta, "sensor_ids": list(data.sensor_ids),
-                                                "data_sha256": checksum})
+        if main:  # a fresh run: the previous best.pt and its config stay until this run has a best epoch
+            last_path.unlink(missing_ok=True)
 
     for epoch in range(state["epoch"], tc.epochs):
         if state["stopped"]:
@@ -309,6 +304,9 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
             payload.update(data_sha256=checksum, params=to_dict(params))
             if improved:
                 save_checkpoint({**payload, "epoch": epoch + 1, "val_mae": val["mae"]}, out_dir / "best.pt")
+                write_json(out_dir / "config.json", to_dict(params))
+                write_json(out_dir / "data_meta.json", {**data.meta, "sensor_ids": list(data.sensor_ids),
+                                                        "data_sha256": checksum})
             save_checkpoint({**payload, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "state": dict(state), "history": history, "rng": rng_state()}, last_path)
             write_json(out_dir / "train_metrics.json", _summary(history, state, extra))
