@@ -184,6 +184,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return _coerce(inner[0], value, where)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is str and isinstance(value, bool):
+        # YAML 1.1 (PyYAML) reads a bare on/off as a bool; DVC rewrites params.yaml without quotes
+        return "on" if value else "off"
     if hint in (int, str, bool):
         if hint is int and isinstance(value, bool) or not isinstance(value, hint):
             raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")

@@ -39,3 +39,9 @@ def test_flatten_for_mlflow():
     flat = flatten(to_dict(Params()))
     assert flat["data.adjacency.method"] == "auto"
     assert flat["model.spatial_rope"] == "split"
+
+
+def test_bare_on_off_reads_as_the_string(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("model:\n  mrffn: off\n")   # YAML 1.1: a bool; DVC writes it unquoted
+    assert load_params(f).model.mrffn == "off"
