@@ -1,6 +1,6 @@
 """The ``stlink`` command line.  Each subcommand is exactly what a DVC stage runs.
 
-    stlink ingest | validate | prepare | backbone | train [--resume] | evaluate
+    stlink ingest | validate | prepare | backbone | train [--resume] | evaluate | export | promote | forecast
 
 Global options come before the subcommand: ``--params`` (default ``params.yaml``) and
 ``-S key.path=value`` overrides (YAML values, the same syntax as ``dvc exp run -S``).
@@ -12,29 +12,22 @@ import logging
 import sys
 from pathlib import Path
 
+from stlink import pipeline
 from stlink.config import ConfigError, Params, load_params
 from stlink.data.formats import DataError
 
 
 def cmd_ingest(params: Params, args: argparse.Namespace) -> None:
-    from stlink.data.ingest import ingest
-
-    print(f"ingested -> {ingest(params)}")
+    print(f"ingested -> {pipeline.ingest_step(params)}")
 
 
 def cmd_validate(params: Params, args: argparse.Namespace) -> None:
-    from stlink.data.formats import load_raw
-    from stlink.validation import validate_raw
-
-    report_dir = params.report_dir / "validation"
-    validate_raw(load_raw(params.raw_dir), params.validation, report_dir=report_dir, name="raw")
-    print(f"validation passed -> {report_dir / 'raw.json'}")
+    pipeline.validate_step(params)
+    print(f"validation passed -> {params.report_dir / 'validation' / 'raw.json'}")
 
 
 def cmd_prepare(params: Params, args: argparse.Namespace) -> None:
-    from stlink.data.prepare import prepare
-
-    data = prepare(params, report_dir=params.report_dir / "validation")
+    data = pipeline.prepare_step(params)
     t, n, c = data.shape
     print(f"prepared {params.processed_dir}: T={t} N={n} C={c} freq={data.meta['freq']} splits={data.meta['splits']}")
 
@@ -46,17 +39,22 @@ def cmd_backbone(params: Params, args: argparse.Namespace) -> None:
 
 
 def cmd_train(params: Params, args: argparse.Namespace) -> None:
-    from stlink.training.train import train
-
-    summary = train(params, out_dir=params.model_dir, resume=args.resume)
-    print(f"trained -> {params.model_dir} (best val MAE {summary.get('best_val_mae')})")
+    summary = pipeline.train_step(params, resume=args.resume)
+    print(f"trained -> {params.model_dir} (best val MAE {summary.get('best_val_mae')}, "
+          f"MLflow run {summary.get('mlflow_run_id')})")
 
 
 def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
-    from stlink.training.evaluate import evaluate
+    res = pipeline.evaluate_step(params)["test"]
+    print(f"evaluated -> {params.report_dir}/metrics: test MAE model {res['model']['mae']:.3f}, "
+          + ", ".join(f"{b} {res[b]['mae']:.3f}" for b in ("last_value", "historical_average", "seasonal_naive")))
 
-    evaluate(params, model_dir=params.model_dir, out_dir=params.report_dir)
-    print(f"evaluated -> {params.report_dir}")
+
+def cmd_promote(params: Params, args: argparse.Namespace) -> None:
+    if args.rollback:
+        print(f"rolled back: champion -> v{pipeline.rollback_step(params)}")
+    else:
+        print(pipeline.promote_step(params, version=args.version).describe())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from models/<dataset>/last.pt")
     add("evaluate", cmd_evaluate, "masked metrics of the model and the naive baselines, plots, "
         "into reports/<dataset>/")
+    p = add("promote", cmd_promote, "gate the challenger of the registered model stlink-<dataset> (val MAE vs "
+            "champion and best baseline, ONNX parity, output validation); champion moves only when every gate passes")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--rollback", action="store_true", help="move champion back to the previous champion")
+    g.add_argument("--version", help="gate this registered version instead of the challenger")
     return parser
 
 

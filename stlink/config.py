@@ -124,6 +124,14 @@ class EvaluateConfig:
 
 
 @dataclass
+class TrackingConfig:
+    tracking_uri: str | None = None        # None: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlruns/mlflow.db
+    artifact_location: str | None = None   # artifact root of a new experiment; None: <db folder>/artifacts for SQLite
+    experiment: str = "stlink"
+    registered_model: str | None = None    # None: stlink-<dataset>
+
+
+@dataclass
 class Params:
     data: DataConfig = field(default_factory=DataConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -131,6 +139,7 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def processed_dir(self) -> Path:

@@ -1,0 +1,83 @@
+"""The pipeline steps, each one function: the CLI, the DVC stages (through the CLI) and the
+Prefect tasks all call these and nothing else.
+
+    ingest -> validate -> prepare -> train -> evaluate -> export -> promote     (training)
+    forecast                                                                    (batch scoring)
+
+A step that produces a model artefact also records it in MLflow (training run, evaluation
+metrics and plots, the registered ONNX version), so tracking cannot be skipped by calling the
+step from a different entry point.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from stlink.config import Params
+
+log = logging.getLogger(__name__)
+
+
+def ingest_step(params: Params) -> Path:
+    from stlink.data.ingest import ingest
+
+    return ingest(params)
+
+
+def validate_step(params: Params) -> dict:
+    """great-expectations on ``data/raw/<dataset>``; raises ``ValidationFailed`` (with ``.report``)."""
+    from stlink.data.formats import load_raw
+    from stlink.validation import validate_raw
+
+    return validate_raw(load_raw(params.raw_dir), params.validation,
+                        report_dir=params.report_dir / "validation", name="raw")
+
+
+def prepare_step(params: Params):
+    from stlink.data.prepare import prepare
+
+    return prepare(params, report_dir=params.report_dir / "validation")
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def train_step(params: Params, resume: bool = True) -> dict[str, Any]:
+    """LoRA fine-tuning into ``models/<dataset>/``, then an MLflow run with params, per-epoch
+    metrics, environment and the merged model (main process only)."""
+    from stlink.training.train import train
+
+    start = time.perf_counter()
+    summary = train(params, out_dir=params.model_dir, resume=resume)
+    if _is_main_process():
+        from stlink.tracking import track_train_step
+
+        summary["mlflow_run_id"] = track_train_step(params, summary, wall_time_s=time.perf_counter() - start)
+    return summary
+
+
+def evaluate_step(params: Params) -> dict[str, Any]:
+    """Metrics (model and baselines, per step, abrupt slice) and plots; logged on the model's run."""
+    from stlink.tracking import track_evaluate_step
+    from stlink.training.evaluate import evaluate
+
+    results = evaluate(params, model_dir=params.model_dir, out_dir=params.report_dir)
+    track_evaluate_step(params, results)
+    return results
+
+
+def promote_step(params: Params, version: str | None = None):
+    """The champion gate on the challenger (or ``version``); returns the ``GateResult``."""
+    from stlink.tracking.registry import promote_step as gate
+
+    return gate(params, version=version)
+
+
+def rollback_step(params: Params) -> str:
+    from stlink.tracking.registry import rollback_step as rollback
+
+    return rollback(params)
