@@ -50,6 +50,18 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
           + ", ".join(f"{b} {res[b]['mae']:.3f}" for b in ("last_value", "historical_average", "seasonal_naive")))
 
 
+def cmd_export(params: Params, args: argparse.Namespace) -> None:
+    rec = pipeline.export_step(params)
+    print(f"exported -> {rec['path']} ({rec['exporter']} exporter, parity max |diff| {rec['max_abs_diff']:.2g} "
+          f"<= atol {rec['tolerance']['atol']} + rtol {rec['tolerance']['rtol']}); registered version "
+          f"{rec['registered_version']} (challenger)")
+
+
+def cmd_forecast(params: Params, args: argparse.Namespace) -> None:
+    pipeline.forecast_step(params, model=args.model, input=args.input, output=args.output, device=args.device,
+                           start=args.start, end=args.end, fmt=args.format, source=args.source)
+
+
 def cmd_promote(params: Params, args: argparse.Namespace) -> None:
     if args.rollback:
         print(f"rolled back: champion -> v{pipeline.rollback_step(params)}")
@@ -83,6 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from models/<dataset>/last.pt")
     add("evaluate", cmd_evaluate, "masked metrics of the model and the naive baselines, plots, "
         "into reports/<dataset>/")
+    add("export", cmd_export, "merge LoRA and export models/<dataset>/ to ONNX in models/exported/<dataset>/ "
+        "(model.onnx + model.json card); onnx.checker and parity against PyTorch on random inputs; registers the "
+        "ONNX model in MLflow as the new challenger version; fails when parity fails")
+    p = add("forecast", cmd_forecast, "batch forecasts with onnxruntime: the latest window of the processed data, a "
+            "backfill (--start/--end) or readings files -> sensor_id, issued_at, target_time, horizon_step, value, "
+            "model_version (Parquet or CSV, written atomically)")
+    p.add_argument("--model", default=None, help="champion | models:/<name>@<alias> | models:/<name>/<version> | "
+                   "path/to/model.onnx (with its model.json beside it); default: score.model")
+    p.add_argument("--input", default=None, help="processed folder, raw folder, or readings file/folder "
+                   "(default: data/processed/<dataset>)")
+    p.add_argument("--source", default=None, choices=["pems", "metrla", "tgcn", "byo"],
+                   help="format of readings files (default: data.source; byo when that is synthetic)")
+    p.add_argument("--output", default=None, help="default: reports/<dataset>/forecast.<format>")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None, help="default: score.device")
+    p.add_argument("--start", default=None, help="backfill: first issue time")
+    p.add_argument("--end", default=None, help="backfill: last issue time (default: the last timestamp)")
+    p.add_argument("--format", choices=["parquet", "csv"], default=None, help="default: score.format")
     p = add("promote", cmd_promote, "gate the challenger of the registered model stlink-<dataset> (val MAE vs "
             "champion and best baseline, ONNX parity, output validation); champion moves only when every gate passes")
     g = p.add_mutually_exclusive_group()

@@ -124,6 +124,13 @@ class EvaluateConfig:
 
 
 @dataclass
+class ScoreConfig:
+    model: str = "champion"     # champion (models:/<registered>@champion) | a models:/ URI | an .onnx path
+    device: str = "auto"        # auto | cuda | cpu (onnxruntime provider; cuda fails unless CUDA really runs)
+    format: str = "parquet"     # parquet | csv
+
+
+@dataclass
 class TrackingConfig:
     tracking_uri: str | None = None        # None: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlruns/mlflow.db
     artifact_location: str | None = None   # artifact root of a new experiment; None: <db folder>/artifacts for SQLite
@@ -140,6 +147,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
 
     @property
     def processed_dir(self) -> Path:
@@ -158,6 +166,11 @@ class Params:
     def model_dir(self) -> Path:
         """Checkpoints and the trained model of this dataset."""
         return Path("models") / self.data.dataset
+
+    @property
+    def export_dir(self) -> Path:
+        """The exported ONNX model (model.onnx + its model.json card) of this dataset."""
+        return Path("models") / "exported" / self.data.dataset
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:

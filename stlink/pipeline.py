@@ -81,3 +81,45 @@ def rollback_step(params: Params) -> str:
     from stlink.tracking.registry import rollback_step as rollback
 
     return rollback(params)
+
+
+def export_step(params: Params) -> dict[str, Any]:
+    """ONNX export with parity into ``models/exported/<dataset>/``, registered in MLflow as the new
+    ``challenger`` version -- also when parity failed, so that the gate refuses it with figures."""
+    from stlink.export.card import ExportError
+    from stlink.export.onnx_export import export_step as export
+    from stlink.tracking import register_export_step
+
+    onnx_path = params.export_dir / "model.onnx"
+    before = onnx_path.stat().st_mtime_ns if onnx_path.exists() else None
+    try:
+        record = export(params, params.model_dir, params.export_dir)
+    except ExportError:
+        if onnx_path.exists() and onnx_path.stat().st_mtime_ns != before:  # a fresh file with failed parity
+            register_export_step(params, onnx_path)
+        raise
+    record["registered_version"] = str(register_export_step(params, onnx_path).version)
+    return record
+
+
+def resolve_score_model(params: Params, model: str | None = None):
+    """``score.model`` (or ``model``) -> ``ResolvedModel`` (local .onnx path, version label)."""
+    from stlink.tracking.mlflow_log import tracking_config
+    from stlink.tracking.registry import registered_model_name, resolve_model
+
+    uri = model or params.score.model
+    if uri == "champion":
+        uri = f"models:/{registered_model_name(tracking_config(params), params.data.dataset)}@champion"
+    return resolve_model(uri, cfg=tracking_config(params))
+
+
+def forecast_step(params: Params, *, model: str | None = None, input: str | Path | None = None,
+                  output: str | Path | None = None, device: str | None = None, start: Any = None,
+                  end: Any = None, fmt: str | None = None, source: str | None = None) -> Path:
+    """Batch forecasts with onnxruntime from the champion (default) or a given model."""
+    from stlink.export.forecast import forecast_step as score
+
+    resolved = resolve_score_model(params, model)
+    return score(params, model=resolved.path, input=input, output=output, device=device or params.score.device,
+                 start=start, end=end, fmt=fmt or params.score.format, model_version=resolved.label,
+                 source=source)

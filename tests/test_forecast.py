@@ -1,0 +1,350 @@
+"""Batch forecasting with onnxruntime on CPU: output table, backfill, devices, bad inputs, killed runs."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_processed, tiny_params
+from stlink.config import ConfigError, DataConfig, ValidationConfig
+from stlink.data.formats import DataError, load_processed
+from stlink.data.windows import WindowDataset, time_features
+from stlink.export.card import ExportError, sidecar_path
+from stlink.export.forecast import (DeviceError, OutputValidationError, forecast, forecast_step, make_session,
+                                    validate_output)
+from stlink.export.onnx_export import export_onnx
+from stlink.training.checkpoint import build_inputs, build_model
+from stlink.training.train import memory_keys_for
+
+N, L, H = 4, 12, 12
+FREQ = pd.Timedelta(minutes=30)  # make_processed: 48 steps per day
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """A small processed dataset, the tiny forecaster (non-zero LoRA) and its ONNX export."""
+    tmp = tmp_path_factory.mktemp("forecast")
+    folder = make_processed(tmp, N=N)
+    data = load_processed(folder)
+    params = tiny_params()
+    model = build_model(params, build_inputs(params, data, memory_keys_for(params, WindowDataset(data, "train", L, H))))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    model.eval()
+    path = tmp / "model" / "model.onnx"
+    rec = export_onnx(model, path, n_sensors=N, input_len=L, n_channels=1,
+                      meta={**data.meta, "sensor_ids": data.sensor_ids, "bounds": {"speed": [0.0, 120.0]}})
+    assert rec["passed"]
+    return {"folder": folder, "data": data, "model": model, "onnx": path, "params": params}
+
+
+def torch_forecast(s, end: int) -> np.ndarray:
+    """The PyTorch model on the window of processed steps [end - L + 1, end], (H, N)."""
+    d = s["data"]
+    tod, dow = time_features(d.timestamps)
+    sl = slice(end - L + 1, end + 1)
+    args = (torch.as_tensor(d.values[sl][None]), torch.as_tensor(d.mask[sl][None]),
+            torch.as_tensor(tod[sl][None]), torch.as_tensor(dow[sl][None]))
+    with torch.no_grad():
+        return s["model"](*args)[0].numpy()
+
+
+def as_matrix(df: pd.DataFrame, issued) -> np.ndarray:
+    """Rows of one issue time -> (H, N) in sensor order s0..s3."""
+    one = df[df["issued_at"] == pd.Timestamp(issued)]
+    return one.pivot(index="horizon_step", columns="sensor_id", values="value")[[f"s{i}" for i in range(N)]].to_numpy()
+
+
+def readings_csv(s, path: Path, n_steps: int = 20, edit=None) -> Path:
+    """The last ``n_steps`` of the processed data as a long readings CSV (missing = the null value 0)."""
+    d = s["data"]
+    ts = pd.DatetimeIndex(d.timestamps[-n_steps:])
+    df = pd.DataFrame({"timestamp": np.repeat(ts, N), "sensor_id": np.tile(d.sensor_ids, n_steps),
+                       "speed": d.values[-n_steps:, :, 0].reshape(-1)})
+    if edit is not None:
+        df = edit(df)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False)
+    return path
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*")) if folder.exists() else []
+
+
+def test_latest_window_of_processed_data(scored, tmp_path):
+    out = tmp_path / "out" / "forecast.parquet"
+    rec = forecast(scored["onnx"], scored["folder"], out, device="cpu", model_version="models:/stlink/3")
+    df = pd.read_parquet(out)
+    d = scored["data"]
+    last = pd.Timestamp(d.timestamps[-1])
+    assert list(df.columns) == ["sensor_id", "issued_at", "target_time", "horizon_step", "value", "model_version"]
+    assert len(df) == N * H and rec["rows"] == N * H and rec["provider"] == "CPUExecutionProvider"
+    assert not df.duplicated(["sensor_id", "horizon_step"]).any()
+    assert set(df["sensor_id"]) == set(d.sensor_ids) and set(df["horizon_step"]) == set(range(1, H + 1))
+    assert (df["issued_at"] == last).all() and (df["model_version"] == "models:/stlink/3").all()
+    assert (df["target_time"] == last + df["horizon_step"] * FREQ).all()
+    np.testing.assert_allclose(as_matrix(df, last), torch_forecast(scored, len(d.timestamps) - 1), atol=1e-3)
+
+
+def test_forecast_step_defaults_and_csv(scored, tmp_path):
+    out = tmp_path / "f.csv"
+    path = forecast_step(scored["params"], model=scored["onnx"], input=scored["folder"], output=out, device="cpu",
+                         fmt="csv")
+    df = pd.read_csv(path, dtype={"sensor_id": str}, parse_dates=["issued_at", "target_time"])
+    assert path == out and len(df) == N * H
+    assert (df["model_version"] == f"model.onnx@sha256:{json.loads(sidecar_path(scored['onnx']).read_text())['sha256'][:12]}").all()
+    assert (df["target_time"] == df["issued_at"] + df["horizon_step"] * FREQ).all()
+
+
+def test_backfill_over_a_time_range(scored, tmp_path):
+    d = scored["data"]
+    ts = pd.DatetimeIndex(d.timestamps)
+    start, end = ts[100], ts[130]
+    out = tmp_path / "backfill.parquet"
+    rec = forecast(scored["onnx"], scored["folder"], out, device="cpu", start=str(start), end=str(end),
+                   chunk_size=8, progress=False)
+    df = pd.read_parquet(out)
+    assert rec["issue_times"] == 31 and len(df) == 31 * N * H
+    assert sorted(df["issued_at"].unique()) == list(ts[100:131])
+    assert not df.duplicated(["sensor_id", "issued_at", "horizon_step"]).any()
+    for i in (100, 117, 130):
+        np.testing.assert_allclose(as_matrix(df, ts[i]), torch_forecast(scored, i), atol=1e-3)
+    with pytest.raises(DataError, match="first possible issue time is 2024-01-01 05:30:00"):
+        forecast(scored["onnx"], scored["folder"], tmp_path / "early.parquet", device="cpu", start=str(ts[3]),
+                 end=str(ts[20]))
+    assert not (tmp_path / "early.parquet").exists()
+
+
+def test_readings_file_gives_the_same_forecast_as_processed_data(scored, tmp_path):
+    csv = readings_csv(scored, tmp_path / "in" / "readings.csv")
+    out = tmp_path / "from_readings.parquet"
+    forecast(scored["onnx"], csv, out, device="cpu")  # byo long CSV, validated with great-expectations too
+    df = pd.read_parquet(out)
+    d = scored["data"]
+    np.testing.assert_allclose(as_matrix(df, d.timestamps[-1]), torch_forecast(scored, len(d.timestamps) - 1),
+                               atol=1e-3)
+
+
+def _last_steps(s, n_steps=16):
+    d = s["data"]
+    return pd.DatetimeIndex(d.timestamps[-n_steps:]), d.values[-n_steps:, :, 0]  # (T,), (T, N), null value 0
+
+
+def _tgcn(s, folder: Path) -> DataConfig:
+    ts, vals = _last_steps(s)
+    wide = pd.DataFrame(vals, columns=s["data"].sensor_ids)
+    wide.insert(0, "timestamp", ts.strftime("%Y-%m-%d %H:%M:%S"))
+    wide.to_csv(folder / "speed.csv", index=False)
+    return DataConfig(source="tgcn")
+
+
+def _pems(s, folder: Path) -> DataConfig:
+    ts, vals = _last_steps(s)
+    np.savez(folder / "PEMSX.npz", data=vals[:, :, None])  # (T, N, 1)
+    (folder / "PEMSX.txt").write_text("\n".join(s["data"].sensor_ids))
+    return DataConfig(source="pems", start_time=str(ts[0]), freq="30min")
+
+
+def _byo_wide_parquet(s, folder: Path) -> DataConfig:
+    ts, vals = _last_steps(s)
+    wide = pd.DataFrame(vals, columns=s["data"].sensor_ids)
+    wide.insert(0, "timestamp", ts)
+    wide.to_parquet(folder / "readings.parquet", index=False)
+    return DataConfig(source="byo")
+
+
+@pytest.mark.parametrize("write", [_tgcn, _pems, _byo_wide_parquet], ids=["tgcn", "pems", "byo-wide-parquet"])
+def test_other_source_formats_give_the_same_forecast(scored, tmp_path, write):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    cfg = write(scored, folder)
+    out = tmp_path / "f.parquet"
+    forecast(scored["onnx"], folder, out, device="cpu", data_cfg=cfg, progress=False)
+    d = scored["data"]
+    np.testing.assert_allclose(as_matrix(pd.read_parquet(out), d.timestamps[-1]),
+                               torch_forecast(scored, len(d.timestamps) - 1), atol=1e-3)
+
+
+def test_device_cuda_fails_clearly_and_auto_reports_cpu(scored, tmp_path, capfd):
+    out = tmp_path / "cuda.parquet"
+    with pytest.raises(DeviceError, match="device=cuda: .*CUDA"):
+        forecast(scored["onnx"], scored["folder"], out, device="cuda")
+    assert not out.exists()
+    _, provider = make_session(scored["onnx"], "auto")
+    assert "onnxruntime" not in capfd.readouterr().err  # the CUDA loader's error lines do not leak to stderr
+    rec = forecast(scored["onnx"], scored["folder"], tmp_path / "auto.parquet", device="auto", progress=False)
+    assert provider == rec["provider"] == "CPUExecutionProvider" and rec["device"] == "auto"
+    with pytest.raises(ConfigError, match="one of auto, cuda, cpu"):
+        forecast(scored["onnx"], scored["folder"], tmp_path / "x.parquet", device="gpu")
+
+
+def _drop_sensor(df):
+    return df[df["sensor_id"] != "s2"]
+
+
+def _rename_sensor(df):
+    return df.assign(sensor_id=df["sensor_id"].replace({"s3": "x9"}))
+
+
+def _irregular(df):
+    ts = sorted(df["timestamp"].unique())
+    return df.assign(timestamp=df["timestamp"].replace({ts[-3]: ts[-3] + pd.Timedelta(minutes=7)}))
+
+
+def _gap(df):
+    ts = sorted(df["timestamp"].unique())
+    return df[df["timestamp"] != ts[-5]]
+
+
+def _nan_burst(df):
+    ts = sorted(df["timestamp"].unique())
+    burst = (df["sensor_id"] == "s1") & df["timestamp"].isin(ts[-9:-1])
+    return df.assign(speed=df["speed"].mask(burst))
+
+
+def _every_other_step(df):
+    ts = sorted(df["timestamp"].unique())
+    return df[df["timestamp"].isin(ts[::2])]
+
+
+def _out_of_bounds(df):
+    return df.assign(speed=df["speed"].mask((df["sensor_id"] == "s0") & (df["timestamp"] == df["timestamp"].max()), 250.0))
+
+
+def _duplicate(df):
+    return pd.concat([df, df.tail(1)])
+
+
+BAD_INPUTS = {
+    "missing sensor": (_drop_sensor, 20, r"missing sensors \['s2'\]"),
+    "unknown sensor ids": (_rename_sensor, 20, r"unknown sensor ids \['x9'\]"),
+    "short last window": (None, 7, r"last window is too short: 7 step\(s\)"),
+    "irregular last window": (_irregular, 20, r"irregular time index .* step of 37min, .* frequency is 30min"),
+    "gap in last window": (_gap, 20, r"not complete: no readings at 2024-01-08 21:30:00"),
+    "NaN burst": (_nan_burst, 20, r"sensor 's1' has 8 consecutive missing readings"),
+    "wrong frequency": (_every_other_step, 30, r"wrong frequency: readings are every 60min, .* 30min"),
+    "out of bounds": (_out_of_bounds, 20, r"outside the physical bounds \[0.0, 120.0\] mph, e.g. sensor 's0'"),
+    "duplicate readings": (_duplicate, 20, r"sensor 's3' has 1 duplicate reading"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_readings_give_clear_errors_and_write_nothing(scored, tmp_path, case):
+    edit, n_steps, message = BAD_INPUTS[case]
+    csv = readings_csv(scored, tmp_path / "in" / "readings.csv", n_steps=n_steps, edit=edit)
+    out_dir = tmp_path / "out"
+    with pytest.raises(DataError, match=message):
+        forecast(scored["onnx"], csv, out_dir / "forecast.parquet", device="cpu")
+    assert files_in(out_dir) == []
+
+
+def test_empty_file_is_an_error_and_writes_nothing(scored, tmp_path):
+    empty = tmp_path / "in" / "readings.csv"
+    empty.parent.mkdir()
+    empty.write_text("")
+    with pytest.raises(DataError, match="readings.csv: empty file"):
+        forecast(scored["onnx"], empty, tmp_path / "out" / "f.parquet", device="cpu")
+    header_only = tmp_path / "in2" / "readings.csv"
+    header_only.parent.mkdir()
+    header_only.write_text("timestamp,sensor_id,speed\n")
+    with pytest.raises(DataError, match="header only, no rows"):
+        forecast(scored["onnx"], header_only, tmp_path / "out" / "f.parquet", device="cpu")
+    assert files_in(tmp_path / "out") == []
+
+
+def test_refuses_a_model_whose_parity_failed_or_whose_file_changed(scored, tmp_path):
+    onnx_path = tmp_path / "m" / "model.onnx"
+    onnx_path.parent.mkdir()
+    shutil.copy(scored["onnx"], onnx_path)
+    card = json.loads(sidecar_path(scored["onnx"]).read_text())
+    card["parity"]["passed"] = False
+    sidecar_path(onnx_path).write_text(json.dumps(card))
+    with pytest.raises(ExportError, match="parity check failed"):
+        forecast(onnx_path, scored["folder"], tmp_path / "f.parquet", device="cpu")
+    card["parity"]["passed"] = True
+    card["sha256"] = "0" * 64
+    sidecar_path(onnx_path).write_text(json.dumps(card))
+    with pytest.raises(ExportError, match="re-export"):
+        forecast(onnx_path, scored["folder"], tmp_path / "f.parquet", device="cpu")
+    assert not (tmp_path / "f.parquet").exists()
+
+
+def test_exception_inside_the_chunk_loop_leaves_no_output(scored, tmp_path):
+    out = tmp_path / "new" / "deeper" / "f.parquet"
+
+    def boom(i, rows):
+        if i == 2:
+            raise KeyboardInterrupt  # what Ctrl-C raises; BaseException, not Exception
+
+    ts = scored["data"].timestamps
+    with pytest.raises(KeyboardInterrupt):
+        forecast(scored["onnx"], scored["folder"], out, device="cpu", start=str(ts[50]), chunk_size=4,
+                 on_chunk=boom, progress=False)
+    assert not (tmp_path / "new").exists()  # the folders created for the output are gone too
+    assert files_in(tmp_path) == []
+
+
+KILLED = """
+import sys, time
+from stlink.export.forecast import forecast
+def hook(i, rows):
+    print("chunk", i, rows, "torch" in sys.modules, flush=True)
+    time.sleep(60)
+forecast(sys.argv[1], sys.argv[2], sys.argv[3], device="cpu", start=sys.argv[4], chunk_size=4, on_chunk=hook,
+         progress=False)
+"""
+
+
+def test_sigkill_during_scoring_leaves_no_output_and_no_temp_file(scored, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(scored["onnx"]), str(scored["folder"]),
+                             str(out_dir / "f.parquet"), str(scored["data"].timestamps[50])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    try:
+        line = proc.stdout.readline()
+        assert line.split() == ["chunk", "0", str(4 * N * H), "False"], proc.stderr.read()  # scoring needs no torch
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert files_in(out_dir) == []
+
+
+def test_output_validation_catches_bad_tables():
+    issued = pd.Timestamp("2024-01-02 10:00")
+    rows = pd.DataFrame({
+        "sensor_id": np.repeat(["a", "b"], 2), "issued_at": issued,
+        "target_time": issued + np.tile([1, 2], 2) * FREQ, "horizon_step": np.tile([1, 2], 2),
+        "value": np.array([50.0, 51.0, 52.0, 53.0], np.float32), "model_version": "v1"})
+    kwargs = dict(sensor_ids=["a", "b"], horizon=2, issue_times=np.array([issued.to_datetime64()]), freq=FREQ,
+                  bounds=[0.0, 120.0], model_version="v1", where="out.parquet")
+    validate_output(rows, **kwargs)
+    bad = {
+        "with NaN": rows.assign(value=[50.0, np.nan, 52.0, 53.0]),
+        "outside the physical bounds": rows.assign(value=[50.0, 51.0, 520.0, 53.0]),
+        "duplicate": rows.assign(horizon_step=[1, 1, 1, 2], target_time=issued + np.array([1, 1, 1, 2]) * FREQ),
+        "expected one per sensor x step x issue time": rows.iloc[:3],
+        "target_time": rows.assign(target_time=issued),
+        "model_version": rows.assign(model_version="v2"),
+    }
+    for message, frame in bad.items():
+        with pytest.raises(OutputValidationError, match=message):
+            validate_output(frame, **kwargs)
+
+
+def test_tighter_bounds_from_params_reject_the_input(scored, tmp_path):
+    strict = ValidationConfig(bounds={"speed": [0.0, 40.0]})
+    with pytest.raises(DataError, match=r"outside the physical bounds \[0.0, 40.0\]"):
+        forecast(scored["onnx"], scored["folder"], tmp_path / "f.parquet", device="cpu", validation=strict)
+    assert files_in(tmp_path) == []
