@@ -23,13 +23,15 @@ N, L = 4, 12
 
 
 def trained_like(params, data):
-    """The real tiny forecaster with non-zero LoRA matrices (as after training), in eval mode."""
+    """The real tiny forecaster with non-zero LoRA matrices and memory values (as after training;
+    both start at zero), in eval mode."""
     inputs = build_inputs(params, data, memory_keys_for(params, WindowDataset(data, "train", L, 12)))
     model = build_model(params, inputs)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or (name.startswith("memory.") and name.endswith(".values")):
                 p.normal_(std=0.2)
+    assert any(n.startswith("memory.") for n, _ in model.named_parameters()), "the test needs MRFFN on"
     return model.eval(), inputs
 
 

@@ -146,6 +146,16 @@ def test_topk_cosine_picks_the_right_keys():
     torch.testing.assert_close(sims[0, 0], expected)
 
 
+def test_topk_ties_break_by_key_index():
+    keys = torch.randn(8, 12, generator=torch.Generator().manual_seed(0))
+    flat = torch.zeros(2, 3, 12)                         # a flat window normalises to 0: all sims tie
+    _, idx = topk_cosine(flat, keys, 3)
+    assert (idx == torch.tensor([0, 1, 2])).all()
+    twins = torch.cat([keys[:1], keys[:1], keys[1:]])    # keys 0 and 1 identical
+    _, idx = topk_cosine(keys[:1][None], twins, 2)
+    assert idx[0, 0].tolist() == [0, 1]
+
+
 def test_memory_read_is_softmax_weighted_values():
     read = MemoryRead(4, 3)
     with torch.no_grad():

@@ -79,11 +79,21 @@ def kmeans(patterns: np.ndarray, m: int, seed: int, n_iter: int = 100) -> np.nda
     return c.astype(np.float32)
 
 
+TIE_BREAK = 1e-5  # key j loses j * TIE_BREAK / M of similarity: equal scores pick the lowest index
+
+
 def topk_cosine(query: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k keys by cosine similarity.  query: (B, N, L), keys: (M, L) -> sims, idx: (B, N, k)."""
+    """Top-k keys by cosine similarity.  query: (B, N, L), keys: (M, L) -> sims, idx: (B, N, k).
+
+    Ties (e.g. a flat window, whose normalised query is 0 and equally similar to every key) are
+    broken by key index, explicitly: top-k's own order among equal values is not specified and
+    differs between PyTorch and onnxruntime.
+    """
     q = query / query.norm(dim=-1, keepdim=True).clamp(min=1e-6)
     kn = keys / keys.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-    sims = q @ kn.T  # (B, N, M)
+    m = keys.shape[0]
+    order = torch.arange(m, device=keys.device, dtype=q.dtype) * (TIE_BREAK / m)  # (M,)
+    sims = q @ kn.T - order  # (B, N, M)
     return torch.topk(sims, k, dim=-1)
 
 
