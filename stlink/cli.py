@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # the libraries' own INFO chatter buries the pipeline's progress
+        for name in ("great_expectations", "mlflow", "alembic", "httpx"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         params = load_params(args.params, args.set)
         args.func(params, args)

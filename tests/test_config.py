@@ -45,3 +45,17 @@ def test_bare_on_off_reads_as_the_string(tmp_path):
     f = tmp_path / "params.yaml"
     f.write_text("model:\n  mrffn: off\n")   # YAML 1.1: a bool; DVC writes it unquoted
     assert load_params(f).model.mrffn == "off"
+
+
+def test_atomic_outputs_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from stlink.io import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
