@@ -499,7 +499,17 @@ class RowWriter:
     def close(self) -> None:
         if self.parquet is not None:
             self.parquet.close()
+            self.parquet = None
         self.fh.flush()
+
+    def __enter__(self) -> "RowWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Close the Parquet writer on every path (the unnamed file itself is discarded on errors)."""
+        if self.parquet is not None:
+            self.parquet.close()
+            self.parquet = None
 
     def read_back(self) -> pd.DataFrame:
         import pyarrow.parquet as pq
@@ -611,14 +621,14 @@ def forecast(model: str | Path, input: str | Path, output: str | Path, *, device
 
     with unnamed_file(output) as fh, tqdm(total=k * n * h, desc="rows scored", unit=" rows", unit_scale=True,
                                           disable=not progress) as bar:
-        writer = RowWriter(fh, fmt)
-        for i, (idx, feed) in enumerate(batches(w, card, chunk_size)):
-            y = runner(feed)                                                      # (B, H, N)
-            writer.write(forecast_rows(y, w.timestamps[idx], card.sensor_ids, card.freq, version))
-            bar.update(len(idx) * n * h)
-            if on_chunk is not None:
-                on_chunk(i, writer.rows)
-        writer.close()
+        with RowWriter(fh, fmt) as writer:
+            for i, (idx, feed) in enumerate(batches(w, card, chunk_size)):
+                y = runner(feed)                                                      # (B, H, N)
+                writer.write(forecast_rows(y, w.timestamps[idx], card.sensor_ids, card.freq, version))
+                bar.update(len(idx) * n * h)
+                if on_chunk is not None:
+                    on_chunk(i, writer.rows)
+            writer.close()
         validate_output(writer.read_back(), sensor_ids=card.sensor_ids, horizon=h, issue_times=w.issue_times,
                         freq=card.freq, bounds=validation.bounds.get(card.channels[0]), model_version=version,
                         where=str(output))
