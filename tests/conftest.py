@@ -2,6 +2,8 @@
 import os
 import tempfile
 
+import pytest
+
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,3 +69,33 @@ def tiny_params(dataset: str = "tiny", **train):
                   "max_train_batches": 6, "max_val_batches": 2, "device": "cpu", **train},
         "evaluate": {"batch_size": 64, "plot_sensors": 2},
     })
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest (and far more steadily on a shared 2-core box) on one thread."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def trained_like(params, data, input_len: int = 12, output_len: int = 12):
+    """The real tiny forecaster with non-zero LoRA matrices and memory values (as after training;
+    both start at zero), in eval mode."""
+    import torch
+
+    from stlink.data.windows import WindowDataset
+    from stlink.training.checkpoint import build_inputs, build_model
+    from stlink.training.train import memory_keys_for
+
+    inputs = build_inputs(params, data, memory_keys_for(params, WindowDataset(data, "train", input_len, output_len)))
+    model = build_model(params, inputs)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or (name.startswith("memory.") and name.endswith(".values")):
+                p.normal_(std=0.2)
+    assert any(n.startswith("memory.") for n, _ in model.named_parameters()), "the test needs MRFFN on"
+    return model.eval(), inputs

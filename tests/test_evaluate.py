@@ -17,12 +17,7 @@ from stlink.training.metrics import MetricAccumulator
 from stlink.training.train import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def split_metrics(data, split, forecast, H=12):

@@ -8,31 +8,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import make_processed, tiny_params
+from conftest import make_processed, tiny_params, trained_like
 from stlink.config import to_dict
 from stlink.data.formats import load_processed
-from stlink.data.windows import WindowDataset
 from stlink.export.card import ExportError, read_card, sidecar_path
 from stlink.export.onnx_export import check_parity, export_onnx, export_step, random_inputs
 from stlink.io import sha256_file, write_json
-from stlink.training.checkpoint import (build_inputs, build_model, data_checksum, frozen_fingerprint,
-                                        model_payload, save_checkpoint)
-from stlink.training.train import memory_keys_for
+from stlink.training.checkpoint import data_checksum, frozen_fingerprint, model_payload, save_checkpoint
 
 N, L = 4, 12
-
-
-def trained_like(params, data):
-    """The real tiny forecaster with non-zero LoRA matrices and memory values (as after training;
-    both start at zero), in eval mode."""
-    inputs = build_inputs(params, data, memory_keys_for(params, WindowDataset(data, "train", L, 12)))
-    model = build_model(params, inputs)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or (name.startswith("memory.") and name.endswith(".values")):
-                p.normal_(std=0.2)
-    assert any(n.startswith("memory.") for n, _ in model.named_parameters()), "the test needs MRFFN on"
-    return model.eval(), inputs
 
 
 @pytest.fixture(scope="module")

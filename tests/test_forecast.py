@@ -12,16 +12,14 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_processed, tiny_params
+from conftest import make_processed, tiny_params, trained_like
 from stlink.config import ConfigError, DataConfig, ValidationConfig
 from stlink.data.formats import DataError, load_processed
-from stlink.data.windows import WindowDataset, time_features
+from stlink.data.windows import time_features
 from stlink.export.card import ExportError, sidecar_path
 from stlink.export.forecast import (DeviceError, OutputValidationError, forecast, forecast_step, make_session,
                                     validate_output)
 from stlink.export.onnx_export import export_onnx
-from stlink.training.checkpoint import build_inputs, build_model
-from stlink.training.train import memory_keys_for
 
 N, L, H = 4, 12, 12
 FREQ = pd.Timedelta(minutes=30)  # make_processed: 48 steps per day
@@ -34,12 +32,7 @@ def scored(tmp_path_factory):
     folder = make_processed(tmp, N=N)
     data = load_processed(folder)
     params = tiny_params()
-    model = build_model(params, build_inputs(params, data, memory_keys_for(params, WindowDataset(data, "train", L, H))))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.2)
-    model.eval()
+    model, _ = trained_like(params, data, L, H)
     path = tmp / "model" / "model.onnx"
     rec = export_onnx(model, path, n_sensors=N, input_len=L, n_channels=1,
                       meta={**data.meta, "sensor_ids": data.sensor_ids, "bounds": {"speed": [0.0, 120.0]}})

@@ -21,13 +21,7 @@ from stlink.training.metrics import MetricAccumulator
 from stlink.training.train import masked_mae_loss, train, warmup_cosine
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and far more steadily on a shared 2-core box) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
