@@ -7,6 +7,7 @@ typo in ``dvc exp run -S ...`` cannot silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +207,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return _coerce(inner[0], value, where)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is str and isinstance(value, (datetime.date, datetime.datetime)):
+        return str(value)  # YAML reads a bare 2012-03-01 00:00:00 as a datetime
     if hint is str and isinstance(value, bool):
         # YAML 1.1 (PyYAML) reads a bare on/off as a bool; DVC rewrites params.yaml without quotes
         return "on" if value else "off"

@@ -59,3 +59,8 @@ def test_atomic_outputs_get_normal_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
+
+
+def test_bare_timestamp_reads_as_a_string(tmp_path):
+    p = load_params(tmp_path / "none.yaml", ["data.start_time=2012-03-01 00:00:00"])
+    assert p.data.start_time == "2012-03-01 00:00:00"
