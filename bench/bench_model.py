@@ -36,7 +36,7 @@ VARIANTS = {
 BASELINES = ("last_value", "historical_average", "seasonal_naive")
 
 
-def run_one(dataset: str, variant: str, extra: list[str], work: Path) -> dict:
+def run_one(dataset: str, variant: str, extra: list[str], work: Path, tag: str = "") -> dict:
     """Prepare (cached per dataset), train and evaluate one variant in this process."""
     from stlink.config import load_params
     from stlink.data.ingest import ingest
@@ -50,7 +50,7 @@ def run_one(dataset: str, variant: str, extra: list[str], work: Path) -> dict:
         ingest(params, out_dir=raw)
         prepare(params, raw_dir=raw, out_dir=proc, report_dir=work / "reports")
     cache = ROOT / "models" / "backbones"
-    model_dir, rep = work / variant / "model", work / variant / "reports"
+    model_dir, rep = work / f"{variant}{tag}" / "model", work / f"{variant}{tag}" / "reports"
     t0 = time.perf_counter()
     summary = train(params, out_dir=model_dir, data_dir=proc, cache_dir=cache)
     metrics = evaluate(params, model_dir=model_dir, out_dir=rep, data_dir=proc, cache_dir=cache)
@@ -88,11 +88,12 @@ def main() -> int:
     ap.add_argument("--dataset", choices=sorted(DATASETS), default="synthetic")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("-S", "--set", action="append", default=[], help="extra param overrides")
+    ap.add_argument("--tag", default="", help="suffix of the result files (bench/results/<dataset><tag>.md)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     args = ap.parse_args()
     work = ROOT / "bench" / "work" / args.dataset
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.dataset, args.one, args.set, work)))
+        print("RESULT " + json.dumps(run_one(args.dataset, args.one, args.set, work, args.tag)))
         return 0
     if args.dataset == "los-loop" and not (SHARED / "LOS-LOOP").exists():
         print(f"{SHARED / 'LOS-LOOP'} is missing: this benchmark needs the shared LOS-LOOP data", file=sys.stderr)
@@ -100,7 +101,7 @@ def main() -> int:
     results = []
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--dataset", args.dataset, "--one", variant]
-        cmd += [a for s in args.set for a in ("-S", s)]
+        cmd += [a for s in args.set for a in ("-S", s)] + (["--tag", args.tag] if args.tag else [])
         print(f"== {args.dataset} / {variant}", flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
         if proc.returncode:
@@ -109,9 +110,9 @@ def main() -> int:
         results.append(json.loads(proc.stdout.split("RESULT ", 1)[1]))
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.dataset}.json").write_text(json.dumps(results, indent=2))
+    (out / f"{args.dataset}{args.tag}.json").write_text(json.dumps(results, indent=2))
     md = table(results)
-    (out / f"{args.dataset}.md").write_text(md + "\n")
+    (out / f"{args.dataset}{args.tag}.md").write_text(md + "\n")
     print(md)
     return 0
 
