@@ -75,8 +75,6 @@ class PrepareConfig:
     input_len: int = 12
     output_len: int = 12
     split: list[float] | None = None  # train/val/test fractions; None = 6:2:2 for pems, else 7:1:2
-    time_of_day: bool = True
-    day_of_week: bool = True
 
 
 @dataclass
@@ -85,6 +83,8 @@ class ModelConfig:
     n_layers: int = 2           # first decoder layers kept
     pretrained: bool = True     # false: same architecture, random weights (the "no pretraining" ablation)
     patch_len: int = 3          # steps per token
+    time_of_day: bool = True    # add a time-of-day embedding (steps_per_day slots) to every token
+    day_of_week: bool = True    # add a day-of-week embedding (LOS-LOOP's test weekdays never occur in training)
     spatial_rope: str = "split"  # split | compose | off
     spatial_dim: int = 8        # Laplacian eigenvectors used for the sensor phases
     mrffn: str = "on"           # on | off

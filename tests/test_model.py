@@ -318,6 +318,23 @@ def test_ablation_switches_build_and_run():
         assert _build(spatial_rope="compose")(**batch).isfinite().all()
 
 
+def test_time_feature_switches():
+    batch = _batch()
+    other_day = dict(batch, dow=(batch["dow"] + 2) % 7)
+    other_time = dict(batch, tod=(batch["tod"] + 0.25) % 1.0)
+    both, no_dow, no_tod = _build(), _build(day_of_week=False), _build(time_of_day=False)
+    for name, model in (("both", both), ("no_dow", no_dow), ("no_tod", no_tod)):
+        for module in model.embed.modules():   # untrained tables are tiny: make them matter
+            if isinstance(module, torch.nn.Embedding):
+                torch.nn.init.normal_(module.weight, std=1.0)
+    with torch.no_grad():
+        assert not torch.allclose(both(**batch), both(**other_day))
+        torch.testing.assert_close(no_dow(**batch), no_dow(**other_day))
+        assert not torch.allclose(no_dow(**batch), no_dow(**other_time))
+        torch.testing.assert_close(no_tod(**batch), no_tod(**other_time))
+    assert not any(n.startswith("embed.dow") for n in trainable_parameters(no_dow))
+
+
 def test_local_qwen2_folder_backbone_keeps_its_weights_and_sees_all_sensors(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

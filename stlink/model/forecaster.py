@@ -27,15 +27,17 @@ from stlink.model.rotary import SpatialPhases, laplacian_eigenvectors, se_rope_c
 class PatchEmbedding(nn.Module):
     """Token = linear(patch values and validity flags) + time-of-day slot + day-of-week, per patch."""
 
-    def __init__(self, patch_len: int, n_channels: int, hidden: int, steps_per_day: int, init_std: float):
+    def __init__(self, patch_len: int, n_channels: int, hidden: int, steps_per_day: int, init_std: float,
+                 time_of_day: bool = True, day_of_week: bool = True):
         super().__init__()
         self.patch_len = patch_len
         self.steps_per_day = steps_per_day
         self.value = nn.Linear(patch_len * (n_channels + 1), hidden)
-        self.tod = nn.Embedding(steps_per_day, hidden)
-        self.dow = nn.Embedding(7, hidden)
-        for weight in (self.value.weight, self.tod.weight, self.dow.weight):
-            nn.init.normal_(weight, std=init_std)
+        self.tod = nn.Embedding(steps_per_day, hidden) if time_of_day else None
+        self.dow = nn.Embedding(7, hidden) if day_of_week else None
+        for table in (self.value, self.tod, self.dow):
+            if table is not None:
+                nn.init.normal_(table.weight, std=init_std)
         nn.init.zeros_(self.value.bias)
 
     def forward(self, xn: torch.Tensor, mask: torch.Tensor, tod: torch.Tensor, dow: torch.Tensor) -> torch.Tensor:
@@ -44,10 +46,14 @@ class PatchEmbedding(nn.Module):
         p = l // self.patch_len
         feats = torch.cat([xn, mask[..., None].to(xn.dtype)], dim=-1)           # (B, L, N, C+1)
         feats = feats.permute(0, 2, 1, 3).reshape(b, n, p, self.patch_len * (c + 1))  # (B, N, P, pl*(C+1))
-        slot = torch.remainder(torch.round(tod[:, :: self.patch_len] * self.steps_per_day).long(),
-                               self.steps_per_day)                               # (B, P)
-        when = self.tod(slot) + self.dow(dow[:, :: self.patch_len])              # (B, P, D)
-        return self.value(feats) + when[:, None]                                 # (B, N, P, D)
+        tokens = self.value(feats)                                               # (B, N, P, D)
+        if self.tod is not None:
+            slot = torch.remainder(torch.round(tod[:, :: self.patch_len] * self.steps_per_day).long(),
+                                   self.steps_per_day)                           # (B, P)
+            tokens = tokens + self.tod(slot)[:, None]                            # (B, N, P, D)
+        if self.dow is not None:
+            tokens = tokens + self.dow(dow[:, :: self.patch_len])[:, None]       # (B, N, P, D)
+        return tokens
 
 
 class DecoderStack(nn.Module):
@@ -90,7 +96,7 @@ class Forecaster(nn.Module):
         self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)  # (F,)
         self.revin = RevIN(n_channels, mcfg.revin_affine)
         self.embed = PatchEmbedding(mcfg.patch_len, n_channels, hidden, steps_per_day,
-                                    getattr(config, "initializer_range", 0.02))
+                                    getattr(config, "initializer_range", 0.02), mcfg.time_of_day, mcfg.day_of_week)
         n_spatial = spatial_pairs(n_pairs, self.mode)
         self.phases = (SpatialPhases(laplacian_eigenvectors(adjacency, mcfg.spatial_dim), n_spatial)
                        if n_spatial else None)
