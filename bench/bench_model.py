@@ -101,7 +101,7 @@ def main() -> int:
     results = []
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--dataset", args.dataset, "--one", variant]
-        cmd += [a for s in args.set for a in ("-S", s)] + (["--tag", args.tag] if args.tag else [])
+        cmd += [a for s in args.set for a in ("-S", s)] + ([f"--tag={args.tag}"] if args.tag else [])
         print(f"== {args.dataset} / {variant}", flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
         if proc.returncode:
