@@ -33,9 +33,7 @@ def cmd_prepare(params: Params, args: argparse.Namespace) -> None:
 
 
 def cmd_backbone(params: Params, args: argparse.Namespace) -> None:
-    from stlink.model.backbone import convert_gguf
-
-    print(f"backbone -> {convert_gguf(Path(args.out))}")
+    print(f"backbone -> {pipeline.backbone_step(Path(args.out))}")
 
 
 def cmd_train(params: Params, args: argparse.Namespace) -> None:

