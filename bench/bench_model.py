@@ -14,10 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -31,7 +34,10 @@ VARIANTS = {
     "stlink": [],
     "spatial_off": ["model.spatial_rope=off"],
     "mrffn_off": ["model.mrffn=off"],
+    "node_off": ["model.node_embedding=none"],
+    "level_off": ["model.level_features=false"],
     "random_backbone": ["model.pretrained=false"],
+    "stid": [],  # the learned reference, trained with the `reference` section like `stlink train` does
 }
 BASELINES = ("last_value", "historical_average", "seasonal_naive")
 
@@ -42,9 +48,13 @@ def run_one(dataset: str, variant: str, extra: list[str], work: Path, tag: str =
     from stlink.data.ingest import ingest
     from stlink.data.prepare import prepare
     from stlink.training.evaluate import evaluate
+    from stlink.training.reference import reference_params
     from stlink.training.train import train
 
     params = load_params(ROOT / "params.yaml", DATASETS[dataset] + VARIANTS[variant] + extra)
+    if variant == "stid":
+        params = reference_params(params)
+    params.reference.model = "none"  # each variant alone; the reference is its own variant
     raw, proc = work / "raw", work / "processed"
     if not (proc / "meta.json").exists():
         ingest(params, out_dir=raw)
@@ -54,39 +64,93 @@ def run_one(dataset: str, variant: str, extra: list[str], work: Path, tag: str =
     t0 = time.perf_counter()
     summary = train(params, out_dir=model_dir, data_dir=proc, cache_dir=cache)
     metrics = evaluate(params, model_dir=model_dir, out_dir=rep, data_dir=proc, cache_dir=cache)
-    return {"variant": variant, "train": {k: v for k, v in summary.items() if k != "history"},
+    return {"variant": variant, "seed": params.train.seed, "train": summary,
             "wall_s": time.perf_counter() - t0, "test": metrics["test"], "val": metrics["val"]}
 
 
-def fmt_row(name: str, m: dict) -> str:
-    cells = [f"{m['mae']:.3f} / {m['rmse']:.3f} / {m['mape']:.2f}%"]
-    cells += [f"{m[f'step_{s}']['mae']:.3f}" for s in (3, 6, 12)]
-    return f"| {name} | " + " | ".join(cells)
+def _stat(values: list[float], fmt: str = "{:.3f}") -> str:
+    """mean ± std (sample std over seeds) or the single value."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return "-"
+    if len(v) == 1:
+        return fmt.format(v[0])
+    return f"{fmt.format(statistics.mean(v))} ± {fmt.format(statistics.stdev(v))}"
+
+
+def _method_rows(results: list[dict]) -> list[tuple[str, list[dict], list[dict]]]:
+    """(label, test metric dicts over seeds, train summaries over seeds) per variant, then baselines."""
+    rows = []
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        runs = [r for r in results if r["variant"] == variant]
+        label = "STID reference" if variant == "stid" else f"ST-LINK ({variant})"
+        rows.append((label, [r["test"]["model"] | {"abrupt": r["test"]["abrupt"]["model"]} for r in runs],
+                     [r["train"] for r in runs]))
+    first = [r for r in results if r["variant"] == results[0]["variant"]]
+    for b in BASELINES:
+        rows.append((b, [r["test"][b] | {"abrupt": r["test"]["abrupt"][b]} for r in first], []))
+    return rows
 
 
 def table(results: list[dict]) -> str:
-    floor = results[0]["test"]["model"]["mape_floor"]
-    lines = [f"Test split, masked; MAE / RMSE / MAPE averaged over the 12 steps (MAPE excludes |y| < {floor});"
-             " steps 3/6/12 are single steps (MAE).",
+    t0 = results[0]["test"]
+    floor = t0["model"]["mape_floor"]
+    seeds = sorted({r.get("seed") for r in results})
+    ab = t0["abrupt"]
+    lines = [f"Test split, masked; mean ± std over seeds {seeds}; MAE / RMSE / MAPE averaged over the 12 steps "
+             f"(MAPE excludes |y| < {floor}); steps 3/6/12 are single steps (MAE). Abrupt slice: relative jump "
+             f"above {ab['threshold']:.3f} (training quantile {ab.get('quantile')}), {100 * ab['fraction']:.1f} % "
+             "of the test targets. s/epoch is wall time, CPU s/epoch is process CPU time (all threads).",
              "",
-             "| method | avg MAE / RMSE / MAPE | step 3 | step 6 | step 12 | abrupt-slice MAE | s/epoch | peak MB |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        t = r["test"]
-        abrupt = t.get("abrupt", {}).get("model", {}).get("mae")
-        lines.append(fmt_row(f"ST-LINK ({r['variant']})", t["model"])
-                     + f" | {abrupt:.3f} | {r['train']['seconds_per_epoch']:.1f} | {r['train']['peak_memory_mb']:.0f} |")
-    t = results[0]["test"]
-    for b in BASELINES:
-        abrupt = t.get("abrupt", {}).get(b, {}).get("mae")
-        lines.append(fmt_row(b, t[b]) + f" | {abrupt:.3f} | - | - |")
+             "| method | avg MAE | avg RMSE | avg MAPE | step 3 | step 6 | step 12 | abrupt-slice MAE | epochs | s/epoch | CPU s/epoch | train min | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, ms, trains in _method_rows(results):
+        cells = [_stat([m["mae"] for m in ms]), _stat([m["rmse"] for m in ms]),
+                 _stat([m["mape"] for m in ms], "{:.2f}") + "%"]
+        cells += [_stat([m[f"step_{k}"]["mae"] for m in ms]) for k in (3, 6, 12)]
+        cells.append(_stat([m["abrupt"]["mae"] for m in ms]))
+        if trains:
+            cells += [_stat([t["epochs_run"] for t in trains], "{:.0f}"),
+                      _stat([t["seconds_per_epoch"] for t in trains], "{:.1f}"),
+                      _stat([t.get("cpu_seconds_per_epoch") for t in trains], "{:.1f}"),
+                      _stat([t.get("train_seconds", 0) / 60 for t in trains], "{:.1f}"),
+                      _stat([t["peak_memory_mb"] for t in trains], "{:.0f}")]
+        else:
+            cells += ["-"] * 5
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def learning_curve(results: list[dict], path: Path) -> None:
+    """Validation MAE against training windows seen, ST-LINK vs STID (every seed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = {"stlink": "tab:blue", "stid": "tab:orange"}
+    for r in results:
+        if r["variant"] not in colours:
+            continue
+        hist = r["train"]["history"]
+        seen = np.cumsum([h.get("windows", 0) for h in hist])
+        ax.plot(seen, [h["val_mae"] for h in hist], marker=".", color=colours[r["variant"]], alpha=0.8,
+                label=f"{'ST-LINK' if r['variant'] == 'stlink' else 'STID'} seed {r['seed']}")
+    ax.set_xlabel("training windows seen")
+    ax.set_ylabel("validation MAE (masked)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=sorted(DATASETS), default="synthetic")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--seeds", default="0", help="comma-separated train.seed values (3 for a claim)")
     ap.add_argument("-S", "--set", action="append", default=[], help="extra param overrides")
     ap.add_argument("--tag", default="", help="suffix of the result files (bench/results/<dataset><tag>.md)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
@@ -98,21 +162,30 @@ def main() -> int:
     if args.dataset == "los-loop" and not (SHARED / "LOS-LOOP").exists():
         print(f"{SHARED / 'LOS-LOOP'} is missing: this benchmark needs the shared LOS-LOOP data", file=sys.stderr)
         return 2
-    results = []
-    for variant in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--dataset", args.dataset, "--one", variant]
-        cmd += [a for s in args.set for a in ("-S", s)] + ([f"--tag={args.tag}"] if args.tag else [])
-        print(f"== {args.dataset} / {variant}", flush=True)
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-        if proc.returncode:
-            print(proc.stdout[-3000:], file=sys.stderr)
-            return proc.returncode
-        results.append(json.loads(proc.stdout.split("RESULT ", 1)[1]))
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
+    partial = out / f"{args.dataset}{args.tag}.jsonl"  # one line per finished run: a killed benchmark keeps them
+    results = []
+    for seed in args.seeds.split(","):
+        for variant in args.variants.split(","):
+            tag = f"{args.tag}-s{seed}"
+            cmd = [sys.executable, __file__, "--dataset", args.dataset, "--one", variant, f"--tag={tag}"]
+            cmd += [a for s in args.set for a in ("-S", s)] + ["-S", f"train.seed={seed}"]
+            print(f"== {args.dataset} / {variant} / seed {seed}  ({time.strftime('%H:%M:%S')})", flush=True)
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+            if proc.returncode:
+                print(proc.stdout[-3000:], file=sys.stderr)
+                return proc.returncode
+            res = json.loads(proc.stdout.split("RESULT ", 1)[1])
+            results.append(res)
+            with partial.open("a") as fh:
+                fh.write(json.dumps(res) + "\n")
+            print(f"   test MAE {res['test']['model']['mae']:.4f}, {res['train']['epochs_run']} epochs, "
+                  f"{res['train']['train_seconds'] / 60:.1f} min", flush=True)
     (out / f"{args.dataset}{args.tag}.json").write_text(json.dumps(results, indent=2))
     md = table(results)
     (out / f"{args.dataset}{args.tag}.md").write_text(md + "\n")
+    learning_curve(results, ROOT / "docs" / "img" / f"learning_curve_{args.dataset}{args.tag}.png")
     print(md)
     return 0
 

@@ -15,9 +15,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A params file or override that does not fit the schema."""
+from stlink.errors import ConfigError  # noqa: F401  (re-exported: the one error root is stlink.errors)
 
 
 @dataclass
@@ -79,16 +77,23 @@ class PrepareConfig:
 
 @dataclass
 class ModelConfig:
+    arch: str = "stlink"        # stlink | stid (the STID reference MLP, same forward contract; no backbone)
     backbone: str = "smollm2"   # smollm2 | tiny | a local HF directory | a hub id (online only)
-    n_layers: int = 2           # first decoder layers kept
+    n_layers: int = 1           # first decoder layers kept
     pretrained: bool = True     # false: same architecture, random weights (the "no pretraining" ablation)
-    patch_len: int = 3          # steps per token
-    time_of_day: bool = True    # add a time-of-day embedding (steps_per_day slots) to every token
-    day_of_week: bool = True    # add a day-of-week embedding (LOS-LOOP's test weekdays never occur in training)
+    patch_len: int = 12         # steps per token (12 = one token per sensor and window)
+    time_of_day: str = "fourier"  # fourier | embedding | off ; read at each patch's LAST step
+    day_of_week: str = "weekday_weekend"  # full | weekday_weekend | off (LOS-LOOP's test weekdays never occur in training)
+    node_embedding: str = "free"  # free (learned vector per sensor) | laplacian (learned map of eigenvectors) | none
+    node_eigvecs: int = 32      # Laplacian eigenvectors behind node_embedding=laplacian
+    level_features: bool = True  # give the window mean and log std that RevIN removes back to the tokens
+    revin: bool = True          # false: tokens see the global z-scored window (the level stays in the values)
     spatial_rope: str = "split"  # split | compose | off
     spatial_dim: int = 8        # Laplacian eigenvectors used for the sensor phases
     mrffn: str = "on"           # on | off
     mrffn_layers: int = 1       # last layers that get the memory read
+    mrffn_query: str = "zscore"  # zscore (global z-scored window: keeps the level) | revin (the RevIN shape)
+    mrffn_place: str = "input"  # input: added before the layer (its attention and FFN use it) | output: after it
     memory_size: int = 32       # M pattern keys
     memory_topk: int = 3        # k (PM-MemNet uses 3)
     revin_affine: bool = True
@@ -98,13 +103,16 @@ class ModelConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     tiny_hidden: int = 64       # the `tiny` random backbone (tests)
     tiny_heads: int = 4
+    stid_dim: int = 32          # STID (model.arch=stid): width of each embedding (series, node, tod, dow)
+    stid_layers: int = 3        # STID: residual MLP layers
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 1e-3            # new modules (embeddings, head, memory, phases, RevIN)
+    lora_lr: float | None = None  # LoRA matrices; None = lr
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     grad_clip: float = 1.0
@@ -112,14 +120,32 @@ class TrainConfig:
     seed: int = 42
     max_train_batches: int | None = None  # cap batches per epoch (CPU budget); None = all
     max_val_batches: int | None = None
+    max_steps: int | None = None  # optimizer-step budget: the LR schedule anneals to 0 at min(this, epochs x batches)
+    precision: str = "auto"     # auto (bf16 on CUDA, and on CPUs with native bf16: avx512_bf16/amx) | bf16 | fp32
+    threads: int = 0            # torch intra-op threads on CPU; 0 = torch's default
     num_workers: int = 0
     device: str = "auto"        # auto | cpu | cuda
 
 
 @dataclass
+class ReferenceConfig:
+    """The learned reference (STID) trained beside ST-LINK on the same windows (``train`` step)."""
+    model: str = "stid"         # stid | none
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    patience: int = 5
+    max_train_batches: int | None = None
+    max_steps: int | None = None
+
+
+@dataclass
 class EvaluateConfig:
     mape_floor: float = 1.0     # |y| below this is excluded from MAPE only
-    abrupt_threshold: float = 0.2  # abrupt slice: max |y[t+1]-y[t]| over the target window > this x sensor's mean
+    abrupt_quantile: float = 0.9   # abrupt slice: relative jumps above this quantile of the TRAINING windows' jumps
+    abrupt_threshold: float | None = None  # or a fixed threshold: max |y[t+1]-y[t]| > this x sensor's training mean
     plot_sensors: int = 3
     batch_size: int = 64
 
@@ -129,6 +155,30 @@ class ScoreConfig:
     model: str = "champion"     # champion (models:/<registered>@champion) | a models:/ URI | an .onnx path
     device: str = "auto"        # auto | cuda | cpu (onnxruntime provider; cuda fails unless CUDA really runs)
     format: str = "parquet"     # parquet | csv
+
+
+@dataclass
+class IntervalsConfig:
+    coverages: list[float] = field(default_factory=lambda: [0.8, 0.95])  # nominal coverages of the intervals
+    scope: str = "pooled"       # pooled | sensor: one half-width per step, or per step and sensor (docs/method.md)
+    forecast: str = "auto"      # auto: lower_/upper_ columns when the model card is calibrated | required | off
+
+
+@dataclass
+class DriftConfig:
+    threshold: float = 0.3      # share of drifted sensors (or a drifted global test) that raises the warning
+    p_value: float = 0.01       # per-test significance of the distribution tests
+    missing_increase: float = 0.2  # a sensor whose missing fraction exceeds training's by this is drifted
+    level_sigma: float = 3.0    # a sensor whose window mean is this many training stds away is drifted
+    retrain_on_drift: bool = False  # batch_forecast flow: start the nightly retrain deployment when drift is flagged
+
+
+@dataclass
+class MonitorConfig:
+    mae_threshold: float = 0.25  # flag when realised MAE > (1 + this) x the champion's test MAE
+    report_sensors: int = 3      # sensors shown in the forecast report's fan chart
+    report_step: int = 0         # horizon step of the report's map colour (0 = the last step)
+    history_days: int = 30       # days of realised accuracy shown in the report
 
 
 @dataclass
@@ -146,9 +196,13 @@ class Params:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    intervals: IntervalsConfig = field(default_factory=IntervalsConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     @property
     def processed_dir(self) -> Path:
@@ -227,8 +281,48 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
+CHOICES: dict[str, tuple[str, ...]] = {  # params whose value is one of a few words
+    "model.spatial_rope": ("split", "compose", "off"),
+    "model.mrffn": ("on", "off"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "score.device": ("auto", "cuda", "cpu"),
+    "score.format": ("parquet", "csv"),
+}
+
+
+def check_params(params: Params) -> Params:
+    """Values that fit the types but not the pipeline, refused when the params are read (one line each).
+
+    Positive sizes and rates, choices (``CHOICES``), and ``model.patch_len`` dividing
+    ``prepare.input_len`` (the model cuts the input window into whole patches).
+    """
+    def get(key: str) -> Any:
+        node: Any = params
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
+
+    for key, choices in CHOICES.items():
+        if get(key) not in choices:
+            raise ConfigError(f"{key}={get(key)!r}: one of {', '.join(choices)}")
+    for key in ("prepare.input_len", "prepare.output_len", "model.patch_len", "model.n_layers", "train.batch_size",
+                "evaluate.batch_size"):
+        if get(key) < 1:
+            raise ConfigError(f"{key}={get(key)!r}: must be at least 1")
+    for key in ("train.lr",):
+        if not get(key) > 0:
+            raise ConfigError(f"{key}={get(key)!r}: must be > 0")
+    for key in ("train.epochs", "train.weight_decay", "train.warmup_steps", "train.patience"):
+        if get(key) < 0:
+            raise ConfigError(f"{key}={get(key)!r}: must be >= 0")
+    if params.prepare.input_len % params.model.patch_len:
+        raise ConfigError(f"model.patch_len={params.model.patch_len} must divide prepare.input_len="
+                          f"{params.prepare.input_len} (the input window is cut into whole patches)")
+    return params
+
+
 def params_from_dict(raw: dict | None) -> Params:
-    return _build(Params, raw or {}, "params")
+    return check_params(_build(Params, raw or {}, "params"))
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:

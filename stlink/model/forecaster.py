@@ -10,6 +10,7 @@ Forward contract (training, evaluation and export rely on it exactly):
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -24,21 +25,83 @@ from stlink.model.revin import RevIN, zscore
 from stlink.model.rotary import SpatialPhases, laplacian_eigenvectors, se_rope_cos_sin, spatial_pairs
 
 
-class PatchEmbedding(nn.Module):
-    """Token = linear(patch values and validity flags) + time-of-day slot + day-of-week, per patch."""
+TIME_OF_DAY = {"fourier": "fourier", "embedding": "embedding", "off": "off", "on": "embedding"}
+DAY_OF_WEEK = {"full": "full", "weekday_weekend": "weekday_weekend", "off": "off", "on": "full"}
+NODE_EMBEDDING = ("free", "laplacian", "none")
+FOURIER_HARMONICS = 6  # sin/cos of 1..6 cycles per day
 
-    def __init__(self, patch_len: int, n_channels: int, hidden: int, steps_per_day: int, init_std: float,
-                 time_of_day: bool = True, day_of_week: bool = True):
+
+def fourier_time(tod: torch.Tensor, harmonics: int = FOURIER_HARMONICS) -> torch.Tensor:
+    """tod (...,) fraction of the day -> (..., 2K) [sin(2 pi k tod), cos(2 pi k tod)], k = 1..K."""
+    k = torch.arange(1, harmonics + 1, device=tod.device, dtype=torch.float32)  # (K,)
+    angle = 2.0 * math.pi * tod.float()[..., None] * k                           # (..., K)
+    return torch.cat([angle.sin(), angle.cos()], dim=-1)
+
+
+class CalendarEncoding(nn.Module):
+    """Time of day (fourier -> linear | slot table | off) and day of week (7 rows | weekday/weekend | off),
+    both read at each patch's LAST step (the most recent time the patch has seen)."""
+
+    def __init__(self, hidden: int, steps_per_day: int, init_std: float, time_of_day: str, day_of_week: str):
         super().__init__()
-        self.patch_len = patch_len
+        self.tod_mode, self.dow_mode = TIME_OF_DAY[time_of_day], DAY_OF_WEEK[day_of_week]
         self.steps_per_day = steps_per_day
-        self.value = nn.Linear(patch_len * (n_channels + 1), hidden)
-        self.tod = nn.Embedding(steps_per_day, hidden) if time_of_day else None
-        self.dow = nn.Embedding(7, hidden) if day_of_week else None
-        for table in (self.value, self.tod, self.dow):
+        self.tod = {"fourier": lambda: nn.Linear(2 * FOURIER_HARMONICS, hidden, bias=False),
+                    "embedding": lambda: nn.Embedding(steps_per_day, hidden), "off": lambda: None}[self.tod_mode]()
+        self.dow = {"full": lambda: nn.Embedding(7, hidden), "weekday_weekend": lambda: nn.Embedding(2, hidden),
+                    "off": lambda: None}[self.dow_mode]()
+        for table in (self.tod, self.dow):
             if table is not None:
                 nn.init.normal_(table.weight, std=init_std)
+
+    def forward(self, tod: torch.Tensor, dow: torch.Tensor) -> torch.Tensor | None:
+        """tod, dow (B, P) at each patch's last step -> (B, P, D), or None when both are off."""
+        out = None
+        if self.tod_mode == "fourier":
+            out = self.tod(fourier_time(tod))                                               # (B, P, D)
+        elif self.tod_mode == "embedding":
+            slot = torch.remainder(torch.round(tod * self.steps_per_day).long(), self.steps_per_day)
+            out = self.tod(slot)                                                            # (B, P, D)
+        if self.dow is not None:
+            day = (dow >= 5).long() if self.dow_mode == "weekday_weekend" else dow         # (B, P)
+            out = self.dow(day) if out is None else out + self.dow(day)
+        return out
+
+
+class SensorIdentity(nn.Module):
+    """A vector per sensor added to every token of that sensor (STID's node embedding).
+
+    ``free``: a learned (N, D) table.  ``laplacian``: a learned linear map of the first k Laplacian
+    eigenvectors, so relabelling the sensors (with the graph) permutes the vectors and nothing else.
+    """
+
+    def __init__(self, mode: str, n_sensors: int, hidden: int, adjacency: np.ndarray, n_eigvecs: int, init_std: float):
+        super().__init__()
+        self.mode = mode
+        if mode == "free":
+            self.table = nn.Parameter(torch.randn(n_sensors, hidden) * init_std)          # (N, D)
+        else:
+            self.register_buffer("eigvecs", torch.as_tensor(laplacian_eigenvectors(adjacency, n_eigvecs)))  # (N, k)
+            self.proj = nn.Linear(n_eigvecs, hidden, bias=False)
+            nn.init.normal_(self.proj.weight, std=init_std)
+
+    def forward(self) -> torch.Tensor:
+        """(N, D)."""
+        return self.table if self.mode == "free" else self.proj(self.eigvecs)
+
+
+class PatchEmbedding(nn.Module):
+    """Token = linear(patch values and validity flags) + calendar at the patch's last step
+    (+ sensor identity and window level, added by the forecaster)."""
+
+    def __init__(self, patch_len: int, n_channels: int, hidden: int, steps_per_day: int, init_std: float,
+                 time_of_day: str = "fourier", day_of_week: str = "weekday_weekend"):
+        super().__init__()
+        self.patch_len = patch_len
+        self.value = nn.Linear(patch_len * (n_channels + 1), hidden)
+        nn.init.normal_(self.value.weight, std=init_std)
         nn.init.zeros_(self.value.bias)
+        self.calendar = CalendarEncoding(hidden, steps_per_day, init_std, time_of_day, day_of_week)
 
     def forward(self, xn: torch.Tensor, mask: torch.Tensor, tod: torch.Tensor, dow: torch.Tensor) -> torch.Tensor:
         """xn (B, L, N, C), mask (B, L, N), tod (B, L), dow (B, L) -> tokens (B, N, P, D)."""
@@ -47,33 +110,41 @@ class PatchEmbedding(nn.Module):
         feats = torch.cat([xn, mask[..., None].to(xn.dtype)], dim=-1)           # (B, L, N, C+1)
         feats = feats.permute(0, 2, 1, 3).reshape(b, n, p, self.patch_len * (c + 1))  # (B, N, P, pl*(C+1))
         tokens = self.value(feats)                                               # (B, N, P, D)
-        if self.tod is not None:
-            slot = torch.remainder(torch.round(tod[:, :: self.patch_len] * self.steps_per_day).long(),
-                                   self.steps_per_day)                           # (B, P)
-            tokens = tokens + self.tod(slot)[:, None]                            # (B, N, P, D)
-        if self.dow is not None:
-            tokens = tokens + self.dow(dow[:, :: self.patch_len])[:, None]       # (B, N, P, D)
-        return tokens
+        last = slice(self.patch_len - 1, None, self.patch_len)                   # each patch's last step
+        cal = self.calendar(tod[:, last], dow[:, last])                          # (B, P, D) or None
+        return tokens if cal is None else tokens + cal[:, None]                  # (B, N, P, D)
+
+
+def level_features(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """RevIN statistics (B, 1, N, C) in z-score units -> (B, N, 2C): window mean and log std."""
+    return torch.cat([mean[:, 0], std[:, 0].clamp(min=1e-3).log()], dim=-1)
 
 
 class DecoderStack(nn.Module):
     """The kept decoder layers run bidirectionally with precomputed (cos, sin).
 
-    ``reads`` holds one memory read (B, T, D) per MRFFN layer, for the last ``len(reads)`` layers;
-    it is added to the layer output, which equals adding it to the FFN output (parallel residual).
+    ``reads`` holds one memory read (B, T, D) per MRFFN layer, for the last ``len(reads)`` layers.
+    ``place="output"`` adds it to the layer output (= to the FFN output: a parallel residual, read by
+    later layers only); ``place="input"`` adds it to the layer input, so that layer's attention and
+    FFN already use it (with one kept layer, the only placement a layer can use).
     """
 
-    def __init__(self, layers: nn.ModuleList):
+    def __init__(self, layers: nn.ModuleList, place: str = "output"):
         super().__init__()
+        if place not in ("input", "output"):
+            raise ValueError(f"model.mrffn_place must be 'input' or 'output', got {place!r}")
         self.layers = layers
+        self.place = place
         for layer in layers:
             layer.self_attn.is_causal = False  # sdpa/flash fall back to this flag when no mask is given
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, reads: list[torch.Tensor]) -> torch.Tensor:
         first_read = len(self.layers) - len(reads)
         for i, layer in enumerate(self.layers):
+            if i >= first_read and self.place == "input":
+                h = h + reads[i - first_read]
             h = layer(h, attention_mask=None, position_embeddings=(cos, sin), is_causal=False)  # (B, T, D)
-            if i >= first_read:
+            if i >= first_read and self.place == "output":
                 h = h + reads[i - first_read]
         return h
 
@@ -94,9 +165,18 @@ class Forecaster(nn.Module):
         self.register_buffer("scaler_mean", torch.as_tensor(scaler_mean, dtype=torch.float32).reshape(n_channels))
         self.register_buffer("scaler_std", torch.as_tensor(scaler_std, dtype=torch.float32).reshape(n_channels))
         self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)  # (F,)
-        self.revin = RevIN(n_channels, mcfg.revin_affine)
-        self.embed = PatchEmbedding(mcfg.patch_len, n_channels, hidden, steps_per_day,
-                                    getattr(config, "initializer_range", 0.02), mcfg.time_of_day, mcfg.day_of_week)
+        init_std = getattr(config, "initializer_range", 0.02)
+        self.use_revin = mcfg.revin
+        self.revin = RevIN(n_channels, mcfg.revin_affine and mcfg.revin)
+        self.embed = PatchEmbedding(mcfg.patch_len, n_channels, hidden, steps_per_day, init_std,
+                                    mcfg.time_of_day, mcfg.day_of_week)
+        self.identity = (SensorIdentity(mcfg.node_embedding, n_sensors, hidden, adjacency, mcfg.node_eigvecs, init_std)
+                         if mcfg.node_embedding != "none" else None)
+        self.level = nn.Linear(2 * n_channels, hidden) if mcfg.level_features else None
+        if self.level is not None:
+            nn.init.normal_(self.level.weight, std=init_std)
+            nn.init.zeros_(self.level.bias)
+        self.mrffn_query = mcfg.mrffn_query
         n_spatial = spatial_pairs(n_pairs, self.mode)
         self.phases = (SpatialPhases(laplacian_eigenvectors(adjacency, mcfg.spatial_dim), n_spatial)
                        if n_spatial else None)
@@ -120,7 +200,7 @@ class Forecaster(nn.Module):
         return cos[None] * self.rope_scale, sin[None] * self.rope_scale
 
     def memory_reads(self, window: torch.Tensor) -> list[torch.Tensor]:
-        """window: plain RevIN-normalised channel 0, (B, L, N) -> one read (B, N*P, D) per MRFFN layer."""
+        """window: channel 0 in the keys' space (``model.mrffn_query``), (B, L, N) -> one read (B, N*P, D) per MRFFN layer."""
         if len(self.memory) == 0:
             return []
         sims, idx = topk_cosine(window.transpose(1, 2), self.memory_keys, self.topk)  # (B, N, k)
@@ -132,13 +212,20 @@ class Forecaster(nn.Module):
             f"expected x of shape (B, {self.input_len}, {self.n_sensors}, C), got {tuple(x.shape)}")
         z = zscore(x, x_mask, self.scaler_mean, self.scaler_std)          # (B, L, N, C)
         xn, plain, mean, std = self.revin.normalise(z, x_mask)            # (B, L, N, C), stats (B, 1, N, C)
-        h = self.embed(xn, x_mask, tod, dow).reshape(b, n * self.n_patches, -1)  # (B, N*P, D)
+        tokens = self.embed(xn if self.use_revin else z, x_mask, tod, dow)  # (B, N, P, D)
+        if self.identity is not None:
+            tokens = tokens + self.identity()[None, :, None]              # (B, N, P, D)
+        if self.level is not None:
+            tokens = tokens + self.level(level_features(mean, std))[:, :, None]  # (B, N, P, D)
+        h = tokens.reshape(b, n * self.n_patches, -1)                      # (B, N*P, D)
         cos, sin = self.rope_tables(n)                                     # (1, N*P, head_dim), float32
-        reads = [r.to(h.dtype) for r in self.memory_reads(plain[..., 0])]
+        query = plain[..., 0] if self.mrffn_query == "revin" else z[..., 0]  # (B, L, N)
+        reads = [r.to(h.dtype) for r in self.memory_reads(query)]
         h = self.backbone(h, cos.to(h.dtype), sin.to(h.dtype), reads)      # (B, N*P, D)
         h = self.norm(h).reshape(b, n, -1)                                 # (B, N, P*D)
         y = self.head(h).transpose(1, 2)                                   # (B, H, N)
-        y = self.revin.denormalise(y, mean, std)
+        if self.use_revin:
+            y = self.revin.denormalise(y, mean, std)
         return y * self.scaler_std[0] + self.scaler_mean[0]
 
 
@@ -150,6 +237,14 @@ def _check(mcfg: ModelConfig, n_sensors: int, input_len: int, adjacency: np.ndar
         raise ValueError(f"adjacency has shape {np.shape(adjacency)}, expected ({n_sensors}, {n_sensors})")
     if mcfg.spatial_rope != "off" and mcfg.spatial_dim < 1:
         raise ValueError(f"model.spatial_dim must be >= 1 with spatial_rope={mcfg.spatial_rope}, got {mcfg.spatial_dim}")
+    if mcfg.time_of_day not in TIME_OF_DAY:
+        raise ValueError(f"model.time_of_day must be one of fourier | embedding | off, got {mcfg.time_of_day!r}")
+    if mcfg.day_of_week not in DAY_OF_WEEK:
+        raise ValueError(f"model.day_of_week must be one of full | weekday_weekend | off, got {mcfg.day_of_week!r}")
+    if mcfg.node_embedding not in NODE_EMBEDDING:
+        raise ValueError(f"model.node_embedding must be one of {' | '.join(NODE_EMBEDDING)}, got {mcfg.node_embedding!r}")
+    if mcfg.mrffn_query not in ("zscore", "revin"):
+        raise ValueError(f"model.mrffn_query must be 'zscore' or 'revin', got {mcfg.mrffn_query!r}")
     if mcfg.mrffn not in ("on", "off"):
         raise ValueError(f"model.mrffn must be 'on' or 'off', got {mcfg.mrffn!r}")
     if mcfg.mrffn == "on":
@@ -168,10 +263,19 @@ def build_forecaster(mcfg: ModelConfig, *, n_sensors: int, n_channels: int, inpu
                      steps_per_day: int, adjacency: np.ndarray, scaler_mean, scaler_std,
                      memory_keys: np.ndarray | None, cache_dir: Path = Path("models/backbones")) -> Forecaster:
     """Load the backbone, add the ST-LINK modules and LoRA; prints the trainable parameter count."""
+    if mcfg.arch == "stid":
+        from stlink.model.stid import STID
+
+        model = STID(mcfg, n_sensors=n_sensors, n_channels=n_channels, input_len=input_len, output_len=output_len,
+                     steps_per_day=steps_per_day, scaler_mean=scaler_mean, scaler_std=scaler_std)
+        print(describe_trainable(model))
+        return model
+    if mcfg.arch != "stlink":
+        raise ValueError(f"model.arch must be 'stlink' or 'stid', got {mcfg.arch!r}")
     _check(mcfg, n_sensors, input_len, adjacency, memory_keys)
     layers, rotary, config = load_backbone(mcfg, cache_dir)
     model = Forecaster(
-        mcfg, DecoderStack(layers), rotary, config, n_sensors=n_sensors, n_channels=n_channels,
+        mcfg, DecoderStack(layers, mcfg.mrffn_place), rotary, config, n_sensors=n_sensors, n_channels=n_channels,
         input_len=input_len, output_len=output_len, steps_per_day=steps_per_day, adjacency=adjacency,
         scaler_mean=scaler_mean, scaler_std=scaler_std, memory_keys=memory_keys)
     print(describe_trainable(model))

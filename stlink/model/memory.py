@@ -18,8 +18,10 @@ from torch import nn
 from stlink.model.revin import revin_normalise, zscore
 
 
-def memory_patterns(train_dataset, n_max: int = 20000, seed: int = 0) -> np.ndarray:
-    """RevIN-normalised channel-0 input windows (W, L) of fully observed sensors, train split only.
+def memory_patterns(train_dataset, n_max: int = 20000, seed: int = 0, query: str = "revin") -> np.ndarray:
+    """Channel-0 input windows (W, L) of fully observed sensors, train split only, in the space the
+    model queries with (``model.mrffn_query``): ``revin`` (RevIN-normalised: shape only) or
+    ``zscore`` (the global training z-score: shape and level).
 
     ``train_dataset`` is a ``stlink.data.windows.WindowDataset``; windows are taken at evenly
     spaced starts so that at most ``n_max`` (window, sensor) patterns are returned.
@@ -41,9 +43,10 @@ def memory_patterns(train_dataset, n_max: int = 20000, seed: int = 0) -> np.ndar
         item = train_dataset[int(i)]
         x = torch.from_numpy(item["x"])[None]            # (1, L, N, C)
         m = torch.from_numpy(item["x_mask"])[None]       # (1, L, N)
-        plain, _, _ = revin_normalise(zscore(x, m, mean, std), m)
+        z = zscore(x, m, mean, std)                      # (1, L, N, C)
+        window = revin_normalise(z, m)[0] if query == "revin" else z
         full = m[0].all(dim=0)                           # (N,)
-        out.append(plain[0, :, :, 0].T[full].numpy())    # (n_full, L)
+        out.append(window[0, :, :, 0].T[full].numpy())   # (n_full, L)
     patterns = np.concatenate(out, axis=0).astype(np.float32)
     if len(patterns) > n_max:
         keep = np.sort(np.random.default_rng(seed).choice(len(patterns), n_max, replace=False))

@@ -102,19 +102,45 @@ def masked_mae_loss(yhat: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> 
     return (err * m).sum() / m.sum().clamp(min=1.0)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; decay on matrices only."""
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                   lora_lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; decay on matrices only; LoRA matrices at ``lora_lr`` (None: lr)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ConfigError("the model has no trainable parameter")
-    decay = [p for _, p in named if p.ndim >= 2]
-    no_decay = [p for _, p in named if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    groups = []
+    for is_lora, group_lr in ((False, lr), (True, lr if lora_lr is None else lora_lr)):
+        part = [(n, p) for n, p in named if (".lora_" in n) == is_lora]
+        decay = [p for _, p in part if p.ndim >= 2]
+        no_decay = [p for _, p in part if p.ndim < 2]
+        groups += [{"params": ps, "weight_decay": wd, "lr": group_lr}
+                   for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
+    return torch.optim.AdamW(groups, lr=lr)
 
 
-def make_accelerator(device: str):
-    """An ``Accelerator`` for train.device (auto | cpu | cuda): bf16 autocast on CUDA, fp32 on CPU."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def mixed_precision(precision: str, use_cuda: bool) -> str:
+    """accelerate's mixed_precision for train.precision (auto | bf16 | fp32) on this device."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"train.precision: expected auto | bf16 | fp32, got {precision!r}")
+    if precision == "fp32":
+        return "no"
+    native = torch.cuda.is_bf16_supported() if use_cuda else cpu_has_native_bf16()
+    if precision == "bf16" and not native:
+        log.warning("train.precision=bf16 on a device without native bf16: it will be emulated (slow)")
+    return "bf16" if precision == "bf16" or native else "no"
+
+
+def make_accelerator(device: str, precision: str = "auto"):
+    """An ``Accelerator`` for train.device (auto | cpu | cuda) and train.precision (``mixed_precision``)."""
     from accelerate import Accelerator
 
     if device not in ("auto", "cpu", "cuda"):
@@ -122,17 +148,16 @@ def make_accelerator(device: str):
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but torch sees no CUDA device")
     use_cuda = device != "cpu" and torch.cuda.is_available()
-    mixed = "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(cpu=not use_cuda, mixed_precision=mixed)
+    return Accelerator(cpu=not use_cuda, mixed_precision=mixed_precision(precision, use_cuda))
 
 
 def memory_keys_for(params: Params, train_ds: WindowDataset) -> np.ndarray | None:
     """k-means pattern keys from training windows only (``model.mrffn == "on"``), else None."""
-    if params.model.mrffn != "on":
+    if params.model.mrffn != "on" or params.model.arch != "stlink":
         return None
     from stlink.model.memory import kmeans, memory_patterns
 
-    patterns = memory_patterns(train_ds, seed=params.train.seed)
+    patterns = memory_patterns(train_ds, seed=params.train.seed, query=params.model.mrffn_query)
     return kmeans(patterns, params.model.memory_size, seed=params.train.seed)
 
 
@@ -195,6 +220,10 @@ def _summary(history: list[dict], state: dict, extra: dict) -> dict[str, Any]:
         "epochs_run": len(history),
         "stopped_early": state["stopped"],
         "seconds_per_epoch": float(np.mean([h["seconds"] for h in history])) if history else None,
+        "cpu_seconds_per_epoch": float(np.mean([h.get("cpu_seconds", 0.0) for h in history])) if history else None,
+        "train_seconds": float(sum(h["seconds"] for h in history)),
+        "train_cpu_seconds": float(sum(h.get("cpu_seconds", 0.0) for h in history)),
+        "windows_seen": int(sum(h.get("windows", 0) for h in history)),
         "samples_per_s": float(np.mean([h["samples_per_s"] or 0.0 for h in history])) if history else None,
         **extra,
         "peak_memory_mb": peak_memory_mb(),
@@ -246,7 +275,9 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
 
     tc = params.train
     out_dir, data_dir = Path(out_dir), Path(data_dir or params.processed_dir)
-    accelerator = make_accelerator(tc.device)
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
+    accelerator = make_accelerator(tc.device, tc.precision)
     main = accelerator.is_main_process
     data = load_processed(data_dir)
     checksum = data_checksum(data_dir)
@@ -264,11 +295,12 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
              "total_params": sum(p.numel() for p in model.parameters()), "device": str(accelerator.device),
              "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
              "data_sha256": checksum}
-    raw_opt = make_optimizer(model, tc.lr, tc.weight_decay)
+    raw_opt = make_optimizer(model, tc.lr, tc.weight_decay, tc.lora_lr)
     train_loader, loader_gen, val_loader = _loaders(train_ds, val_ds, tc, accelerator.num_processes)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, raw_opt, train_loader, val_loader)
     steps_per_epoch = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(raw_opt, warmup_cosine(tc.warmup_steps, tc.epochs * steps_per_epoch))
+    total_steps = tc.epochs * steps_per_epoch if tc.max_steps is None else min(tc.max_steps, tc.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(raw_opt, warmup_cosine(tc.warmup_steps, total_steps))
 
     state = {"epoch": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "stopped": False}
     history: list[dict[str, Any]] = []
@@ -289,12 +321,13 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
             last_path.unlink(missing_ok=True)
 
     for epoch in range(state["epoch"], tc.epochs):
-        if state["stopped"]:
+        if state["stopped"] or scheduler.last_epoch >= total_steps:
             break
         train_loader.set_epoch(epoch)  # -> sampler.set_epoch; accelerate re-applies it at every __iter__
         loader_gen.manual_seed(tc.seed + epoch)
         record = _train_epoch(model, optimizer, scheduler, train_loader, accelerator, tc, epoch,
-                              steps_per_epoch, history[-1]["val_mae"] if history else None)
+                              min(steps_per_epoch, total_steps - scheduler.last_epoch),
+                              history[-1]["val_mae"] if history else None)
         val = validate(model, val_loader, accelerator, H, params.evaluate.mape_floor)
         record.update(val_mae=val["mae"], val_rmse=val["rmse"])
         improved = _update_state(state, epoch, val["mae"], tc.patience)
@@ -335,12 +368,14 @@ def _train_epoch(model, optimizer, scheduler, loader, accelerator, tc, epoch: in
     The progress bar shows the batch loss, the previous epoch's val MAE and samples/s.
     """
     model.train()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     loss_sum = torch.zeros((), device=accelerator.device)
     n_seen = 0
     bar = tqdm(loader, total=n_batches, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
                disable=not accelerator.is_local_main_process)
-    for batch in bar:
+    for i, batch in enumerate(bar):
+        if i >= n_batches:  # the step budget (train.max_steps) ends inside this epoch
+            break
         with accelerator.autocast():
             yhat = forward(model, batch)
         loss = masked_mae_loss(yhat, batch["y"], batch["y_mask"])
@@ -355,6 +390,7 @@ def _train_epoch(model, optimizer, scheduler, loader, accelerator, tc, epoch: in
         bar.set_postfix(loss=f"{loss.item():.3f}", val_mae="-" if last_val is None else f"{last_val:.3f}",
                         samples_s=f"{n_seen / (time.perf_counter() - start):.0f}")
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
     mean_loss = accelerator.reduce(loss_sum / max(1, n_batches), reduction="mean")
     return {"epoch": epoch + 1, "train_loss": float(mean_loss), "lr": scheduler.get_last_lr()[0], "batches": n_batches,
-            "seconds": seconds, "samples_per_s": n_seen / seconds if seconds > 0 else None}
+            "seconds": seconds, "cpu_seconds": cpu_seconds, "windows": n_seen, "samples_per_s": n_seen / seconds if seconds > 0 else None}
