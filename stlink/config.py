@@ -151,10 +151,21 @@ class EvaluateConfig:
 
 
 @dataclass
+class ExportConfig:
+    optimize: bool = True       # also write model.opt.onnx: onnxruntime's transformer optimiser, parity-gated like model.onnx
+    quantize: str = "none"      # none | int8: also write model.int8.onnx (dynamic int8 MatMul weights, CPU), accuracy-gated
+    fp16: bool = False          # also write model.fp16.onnx for the CUDA provider, accuracy-gated (needs a GPU)
+    max_mae_change: float = 0.01  # accuracy gate of int8/fp16: |test MAE / fp32 test MAE - 1| <= this
+    accuracy_windows: int | None = None  # test windows (evenly spaced) scored for the gate; null = every test window
+
+
+@dataclass
 class ScoreConfig:
     model: str = "champion"     # champion (models:/<registered>@champion) | a models:/ URI | an .onnx path
     device: str = "auto"        # auto | cuda | cpu (onnxruntime provider; cuda fails unless CUDA really runs)
     format: str = "parquet"     # parquet | csv
+    intra_op_threads: int = 0   # onnxruntime threads inside one operator; 0 = library default (one per physical core)
+    inter_op_threads: int = 0   # onnxruntime threads across independent operators; 0 = library default (docs/benchmarks.md)
 
 
 @dataclass
@@ -199,6 +210,7 @@ class Params:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     intervals: IntervalsConfig = field(default_factory=IntervalsConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
