@@ -14,12 +14,13 @@ log = logging.getLogger(__name__)
 
 
 def read_source(params: Params) -> tuple[RawData, dict[str, Path]]:
-    """Parse the configured source; returns the raw data and the source files to keep."""
-    cfg = params.data
-    if cfg.source == "synthetic":
-        from stlink.data.synthetic import simulate
+    """Parse the configured source (a row of ``stlink.data.sources.SOURCES``); returns the raw
+    data and the source files to keep."""
+    from stlink.data.sources import get_source
 
-        return simulate(cfg.synthetic, null_value=cfg.null_value), {}
+    cfg = params.data
+    if get_source(cfg.source).generated:
+        return get_source(cfg.source).load(cfg, {}), {}
     from stlink.data.sources import load_source
 
     return load_source(cfg)
