@@ -292,6 +292,7 @@ def export_step(params: Params, model_dir: str | Path, out_dir: str | Path) -> d
     Raises ``ExportError`` (after writing both files, so the registry gate can read the failed
     parity) when the ONNX model does not match PyTorch within the tolerance.
     """
+    from stlink.monitoring.intervals import attach_calibration, calibration_for
     from stlink.training.checkpoint import load_trained
 
     model, trained, data_meta = load_trained(model_dir)
@@ -299,8 +300,10 @@ def export_step(params: Params, model_dir: str | Path, out_dir: str | Path) -> d
     n_channels = len(data_meta["channels"])
     bounds = {c: params.validation.bounds[c] for c in data_meta["channels"] if c in params.validation.bounds}
     out = Path(out_dir) / "model.onnx"
+    intervals = calibration_for(params.report_dir / "calibration.json", model_dir)  # checked before exporting
     record = export_onnx(model, out, n_sensors=n_sensors, input_len=trained.prepare.input_len,
                          n_channels=n_channels, meta={**data_meta, "bounds": bounds})
+    record["intervals"] = attach_calibration(sidecar_path(out), intervals)  # conformal half-widths in the card
     if not record["passed"]:
         raise ExportError(f"{out}: ONNX parity failed: max |ort - torch| = {record['max_abs_diff']:.3g} "
                           f"exceeds atol {record['tolerance']['atol']} + rtol {record['tolerance']['rtol']} "
