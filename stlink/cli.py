@@ -70,7 +70,8 @@ def cmd_promote(params: Params, args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stlink", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--params", default=None, help="params file (default: ./params.yaml when there is one, "
+                        "else the code defaults; a named file must exist)")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, e.g. -S data.source=tgcn (repeatable)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

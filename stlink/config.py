@@ -337,12 +337,28 @@ def params_from_dict(raw: dict | None) -> Params:
     return check_params(_build(Params, raw or {}, "params"))
 
 
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Read ``params.yaml`` and apply ``key.sub=value`` overrides (YAML-parsed values)."""
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
+    """Read a params file and apply ``key.sub=value`` overrides (YAML-parsed values).
+
+    ``path=None``: ``./params.yaml`` when there is one, else the code defaults.  A file that is
+    named explicitly must exist (a mistyped ``--params`` must not run on the defaults).
+    """
+    if path is None:
+        path = DEFAULT_PARAMS
+    elif not Path(path).is_file():
+        raise ConfigError(f"{path}: no such params file" + (" (it is a folder)" if Path(path).is_dir() else ""))
     path = Path(path)
     raw: dict = {}
-    if path.exists():
-        raw = yaml.safe_load(path.read_text()) or {}
+    if path.is_file():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.path=value")

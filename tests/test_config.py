@@ -16,7 +16,8 @@ def test_repo_params_load_and_match_defaults_types():
 
 
 def test_overrides_are_yaml_parsed(tmp_path):
-    p = load_params(tmp_path / "missing.yaml", ["data.source=tgcn", "prepare.split=[0.6, 0.2, 0.2]",
+    (tmp_path / "empty.yaml").write_text("")
+    p = load_params(tmp_path / "empty.yaml", ["data.source=tgcn", "prepare.split=[0.6, 0.2, 0.2]",
                                                  "train.max_train_batches=null"])
     assert p.data.source == "tgcn"
     assert p.prepare.split == [0.6, 0.2, 0.2]
@@ -32,7 +33,7 @@ def test_unknown_key_names_the_key(tmp_path):
 
 def test_wrong_type_names_the_path(tmp_path):
     with pytest.raises(ConfigError, match=r"params\.prepare\.input_len: expected int"):
-        load_params(tmp_path / "x.yaml", ["prepare.input_len=twelve"])
+        load_params(None, ["prepare.input_len=twelve"])
 
 
 def test_flatten_for_mlflow():
@@ -62,5 +63,21 @@ def test_atomic_outputs_get_normal_permissions(tmp_path):
 
 
 def test_bare_timestamp_reads_as_a_string(tmp_path):
-    p = load_params(tmp_path / "none.yaml", ["data.start_time=2012-03-01 00:00:00"])
+    (tmp_path / "empty.yaml").write_text("")
+    p = load_params(tmp_path / "empty.yaml", ["data.start_time=2012-03-01 00:00:00"])
     assert p.data.start_time == "2012-03-01 00:00:00"
+
+
+def test_a_named_params_file_that_does_not_exist_is_an_error(tmp_path, monkeypatch, capsys):
+    from stlink.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="param.yaml: no such params file"):
+        load_params("param.yaml")
+    assert main(["--params", "param.yaml", "ingest"]) == 2          # the probe's mistyped --params
+    assert "param.yaml: no such params file" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()                        # nothing ran on the code defaults
+    assert load_params(None).data.source == "synthetic"            # no --params, no params.yaml: defaults
+    (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_params("bad.yaml")

@@ -250,7 +250,7 @@ def test_io_tasks_retry_transient_failures_only(prefect_api, flaky_server, tmp_p
 
     @flow
     def fetch(sha256: str) -> str:
-        params = load_params("none.yaml", ["data.dataset=byo", "data.source=byo", f"data.url={url}",
+        params = load_params(None, ["data.dataset=byo", "data.source=byo", f"data.url={url}",
                                            f"data.sha256={{readings.csv: '{sha256}'}}"])
         return fast_ingest(params, use_dvc=False)
 
