@@ -67,6 +67,12 @@ def cmd_promote(params: Params, args: argparse.Namespace) -> None:
         print(pipeline.promote_step(params, version=args.version).describe())
 
 
+def cmd_monitor(params: Params, args: argparse.Namespace) -> None:
+    res = pipeline.monitor_step(params, forecasts=args.forecast, raw_dir=args.raw)
+    days = ", ".join(f"{d['day']} MAE {d['mae']:.3f}" + (" FLAGGED" if d["flagged"] else "") for d in res["days"][-3:])
+    print(f"monitor: {res['rows_scored']} forecast rows scored against actuals ({days}) -> {res['history']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stlink", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--rollback", action="store_true", help="move champion back to the previous champion")
     g.add_argument("--version", help="gate this registered version instead of the challenger")
+    p = add("monitor", cmd_monitor, "realised accuracy: archive the forecast table(s), join every archived forecast "
+            "with the readings ingested since (data/raw/<dataset>), masked MAE per horizon step and interval coverage "
+            "per day -> reports/<dataset>/monitor/history.parquet and MLflow; flags days worse than the test MAE")
+    p.add_argument("--forecast", action="append", default=None, metavar="PATH",
+                   help="forecast table(s) to archive and score (default: reports/<dataset>/forecast.<format>)")
+    p.add_argument("--raw", default=None, help="readings folder with the actuals (default: data/raw/<dataset>)")
     return parser
 
 

@@ -30,6 +30,8 @@ class SyntheticConfig:
     outage_rate_per_sensor: float = 0.5  # expected multi-hour outages per sensor over the period
     missing_rate: float = 0.002      # isolated missing readings (fraction)
     noise_mph: float = 1.5           # sensor noise std
+    live: str = "off"                # off | day: each ingest appends one more simulated day | now: up to the clock
+    live_horizon_days: int = 120     # live: the one simulated period that ingests reveal (prefix-stable)
 
 
 @dataclass

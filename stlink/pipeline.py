@@ -69,11 +69,13 @@ def train_step(params: Params, resume: bool = True) -> dict[str, Any]:
 
 def evaluate_step(params: Params) -> dict[str, Any]:
     """Metrics (model and baselines, per step, abrupt slice) and plots; logged on the model's run."""
+    from stlink.monitoring.intervals import log_interval_metrics
     from stlink.tracking import track_evaluate_step
     from stlink.training.evaluate import evaluate
 
     results = evaluate(params, model_dir=params.model_dir, out_dir=params.report_dir)
-    track_evaluate_step(params, results)
+    run_id = track_evaluate_step(params, results)
+    log_interval_metrics(run_id, results["test"].get("intervals") or {})  # coverage and width per step
     return results
 
 
@@ -130,3 +132,12 @@ def forecast_step(params: Params, *, model: str | None = None, input: str | Path
     return score(params, model=resolved.path, input=input, output=output, device=device or params.score.device,
                  start=start, end=end, fmt=fmt or params.score.format, model_version=resolved.label,
                  source=source)
+
+def monitor_step(params: Params, *, forecasts: list[str | Path] | None = None,
+                 raw_dir: str | Path | None = None) -> dict[str, Any]:
+    """Realised accuracy: earlier forecasts (archived) joined with the readings ingested since; per day
+    masked MAE per horizon step and interval coverage -> ``reports/<dataset>/monitor/`` and MLflow
+    (``stlink.monitoring.monitor``)."""
+    from stlink.monitoring.monitor import monitor
+
+    return monitor(params, forecasts=forecasts, raw_dir=raw_dir)

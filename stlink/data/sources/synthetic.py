@@ -13,4 +13,8 @@ if TYPE_CHECKING:
 def load(cfg: "DataConfig", f: dict[str, Path | None]) -> RawData:
     from stlink.data.synthetic import simulate
 
+    if cfg.synthetic.live != "off":  # a growing series from one seeded simulation (stlink/monitoring/live.py)
+        from stlink.monitoring.live import live_simulate
+
+        return live_simulate(cfg, Path("data/raw") / cfg.dataset)
     return simulate(cfg.synthetic, null_value=cfg.null_value)
