@@ -58,6 +58,10 @@ def run_one(dataset: str, variant: str, extra: list[str], work: Path, tag: str =
     raw, proc = work / "raw", work / "processed"
     if not (proc / "meta.json").exists():
         ingest(params, out_dir=raw)
+        from stlink.data.formats import load_raw
+        from stlink.validation import validate_raw
+
+        validate_raw(load_raw(raw), params.validation, report_dir=work / "reports")  # prepare reads validated data only
         prepare(params, raw_dir=raw, out_dir=proc, report_dir=work / "reports")
     cache = ROOT / "models" / "backbones"
     model_dir, rep = work / f"{variant}{tag}" / "model", work / f"{variant}{tag}" / "reports"

@@ -66,6 +66,8 @@ class ValidationConfig:
     bounds: dict[str, list[float]] = field(default_factory=lambda: {
         "speed": [0.0, 120.0], "flow": [0.0, 3000.0], "occupancy": [0.0, 1.0]})
     max_missing_fraction: float = 0.5   # per sensor
+    sparse_sensors: str = "drop"        # sensors missing more than that: drop (them and their edges, warned in
+                                        # the report) | fail (the whole run)
     failed_rows_sample: int = 5         # bad rows quoted in the error message
     data_docs: bool = True              # also build GX Data Docs HTML
 
@@ -298,6 +300,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
 CHOICES: dict[str, tuple[str, ...]] = {  # params whose value is one of a few words
     "model.spatial_rope": ("split", "compose", "off"),
     "model.mrffn": ("on", "off"),
+    "validation.sparse_sensors": ("drop", "fail"),
     "train.device": ("auto", "cpu", "cuda"),
     "score.device": ("auto", "cuda", "cpu"),
     "score.format": ("parquet", "csv"),

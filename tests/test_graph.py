@@ -49,3 +49,25 @@ def test_edge_to_unknown_sensor_is_named():
 def test_given_adjacency_of_wrong_size():
     with pytest.raises(DataError, match="adjacency is 2x2 but there are 3 sensors"):
         build_adjacency(_raw(adjacency=np.eye(2)), AdjacencyConfig(method="given"))
+
+
+@pytest.mark.parametrize("value, why", [(-3.0, "distance -3.0 must be finite and > 0"),
+                                        (0.0, "distance 0.0 must be finite and > 0"),
+                                        (np.inf, "distance inf must be finite and > 0"),
+                                        (np.nan, "distance nan must be finite and > 0")])
+@pytest.mark.parametrize("method", ["gaussian", "binary", "auto"])
+def test_bad_edge_distances_are_refused_before_any_shortest_path(value, why, method):
+    """The probe's negative cycle (a->b -3 beside b->a 1) made prepare allocate until bad_alloc."""
+    edges = pd.DataFrame({"from": ["a", "b", "b"], "to": ["b", "a", "c"], "value": [value, 1.0, 2.0]})
+    with pytest.raises(DataError, match=f"edges: a -> b: {why} \\(1 such edges\\)"):
+        build_adjacency(_raw(edges), AdjacencyConfig(method=method))
+
+
+def test_negative_weight_and_non_finite_given_matrix_are_refused():
+    edges = pd.DataFrame({"from": ["a"], "to": ["b"], "value": [-1.0]})
+    with pytest.raises(DataError, match="weight -1.0 must be finite and >= 0"):
+        build_adjacency(_raw(edges, kind="weight"), AdjacencyConfig(method="auto"))
+    dense = np.eye(3)
+    dense[2, 0] = np.nan
+    with pytest.raises(DataError, match="adjacency: entry c -> a is nan"):
+        build_adjacency(_raw(adjacency=dense), AdjacencyConfig(method="given"))

@@ -25,6 +25,7 @@ IDS = ["s0", "s1", "s2", "s3"]
 START = pd.Timestamp("2024-01-01 00:00:00")
 T = 288  # one day at 5 minutes
 NO_DOCS = ValidationConfig(data_docs=False)
+FAIL = ValidationConfig(data_docs=False, sparse_sensors="fail")  # sparse sensors fail the run
 
 
 def at(minutes: int) -> pd.Timestamp:
@@ -129,6 +130,13 @@ def _unknown_edge(raw: RawData) -> None:
     raw.edges.loc[1, "to"] = "ghost"
 
 
+def _edge_value(value: float) -> Callable[[RawData], None]:
+    def mutate(raw: RawData) -> None:
+        raw.edges.loc[1, "value"] = value                  # s1 -> s2
+        raw.meta["value_kind"] = "distance"
+    return mutate
+
+
 def _dense(matrix: np.ndarray) -> Callable[[RawData], None]:
     def mutate(raw: RawData) -> None:
         raw.edges, raw.adjacency = None, matrix
@@ -176,14 +184,18 @@ BAD_RAW = {
     "gap in the time index": (_gap,
                               ["no gap in the time index", "'step_seconds'",
                                "sensor (all sensors) at 2024-01-01 06:05:00", "step_seconds=600.0"]),
-    "gap for one sensor": (_sensor_gap,
-                           ["no gap in the time index", "sensor s3 at 2024-01-01 10:05:00", "step_seconds=600.0"]),
     "irregular frequency": (_irregular,
                             ["regular frequency", "'off_grid_seconds'", "at 2024-01-01 07:02:00",
                              "off_grid_seconds=120.0"]),
     "edge to an unknown sensor": (_unknown_edge,
                                   ["expect_column_values_to_be_in_set", "column 'to' of edges",
                                    "graph endpoints are known sensors", "to=ghost"]),
+    "negative edge distance": (_edge_value(-3.0),
+                               ["column 'value' of edges", "road distances are positive", "from=s1, to=s2: value=-3.0"]),
+    "zero edge distance": (_edge_value(0.0),
+                           ["road distances are positive", "from=s1, to=s2: value=0.0"]),
+    "infinite edge distance": (_edge_value(np.inf),
+                               ["edge values are finite", "from=s1, to=s2: value=inf"]),
     "non-square adjacency": (_dense(np.ones((4, 3))),
                              ["the adjacency is square", "axis=cols: size=3", "outside [4.0, 4.0]"]),
     "negative adjacency entry": (_dense(_negative_entry()),
@@ -207,7 +219,7 @@ def test_bad_raw_is_rejected_naming_what_is_wrong(good_raw, case):
     raw = clone(good_raw)
     mutate(raw)
     with pytest.raises(ValidationFailed) as info:
-        validate_raw(raw, NO_DOCS)
+        validate_raw(raw, FAIL)
     message = str(info.value)
     for text in expected:
         assert text in message, f"{case}: {text!r} not in:\n{message}"
@@ -229,10 +241,45 @@ def test_too_many_missing_names_only_that_sensor(good_raw):
     raw = clone(good_raw)
     _too_many_missing(raw)
     with pytest.raises(ValidationFailed) as info:
-        validate_raw(raw, NO_DOCS)
+        validate_raw(raw, FAIL)
     missing = info.value.report["suites"]["raw_missing"]["expectations"][0]
     assert [r["sensor_id"] for r in missing["failed_rows"]] == ["s1"]
     assert missing["observed"]["unexpected_count"] == 1
+
+
+def test_absent_rows_of_one_sensor_are_missing_readings_not_gaps(good_raw):
+    """Long format: a sensor's absent rows are its missing readings; the global index is regular."""
+    raw = clone(good_raw)
+    _sensor_gap(raw)                                                   # s3 has no row at 10:00
+    s0 = raw.readings.index[raw.readings["sensor_id"] == "s0"]
+    raw.readings = raw.readings.drop(index=s0[100:200]).reset_index(drop=True)   # s0: 100 rows absent
+    report = validate_raw(raw, FAIL)
+    steps = report["suites"]["raw_time_index"]["expectations"][1]
+    assert steps["success"] and steps["observed"]["unexpected_count"] == 0
+    missing = report["suites"]["raw_missing"]
+    assert missing["success"] and missing["rows"] == 4
+    assert report["dropped_sensors"] == [] and report["warnings"] == []
+
+
+def test_sparse_sensors_drop_removes_them_and_their_edges_with_a_warning(good_raw, tmp_path):
+    raw = clone(good_raw)
+    _too_many_missing(raw)                                             # s1: 75 % missing
+    s3 = raw.readings.index[raw.readings["sensor_id"] == "s3"]
+    raw.readings = raw.readings.drop(index=s3[: 2 * len(s3) // 3]).reset_index(drop=True)  # s3: rows absent
+    report = validate_raw(raw, ValidationConfig(data_docs=False), report_dir=tmp_path)
+    assert [d["sensor_id"] for d in report["dropped_sensors"]] == ["s1", "s3"]
+    assert report["dropped_sensors"][0]["missing_fraction"] == 0.75
+    assert "dropped 2 of 4 sensors" in report["warnings"][0] and "s1 (75%)" in report["warnings"][0]
+    assert report["parameters"]["sensor_ids"] == ["s0", "s2"]
+    assert report["suites"]["raw_edges"]["rows"] == 0                  # s0->s1, s1->s2, s2->s3 all touch them
+    assert json.loads((tmp_path / "raw.json").read_text())["dropped_sensors"] == report["dropped_sensors"]
+
+
+def test_when_every_sensor_is_sparse_nothing_is_dropped_and_the_run_fails(good_raw):
+    raw = clone(good_raw)
+    raw.readings["speed"] = 0.0
+    with pytest.raises(ValidationFailed, match="missing_fraction"):
+        validate_raw(raw, NO_DOCS)
 
 
 def test_failure_leaves_last_good_report_byte_identical(good_raw, tmp_path):

@@ -7,6 +7,7 @@ validation can judge it.  Every loader returns one.
   edges.csv         from, to, value  (graph as an edge list; value is a distance or a weight), or
   adjacency.npy     dense [N, N] matrix in sensor order
   source.json       source kind, files and their sha256, null value, channels, units, declared freq
+  source/           the source files as read (copies; a link inside data.path is copied as its target)
 
 ``ProcessedData`` (``data/processed/<dataset>/``): the regular tensors every model reads.
   values.npy [T, N, C] float32, mask.npy [T, N] bool (valid target readings), timestamps.npy [T]
@@ -23,11 +24,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stlink.errors import DataError  # noqa: F401  (re-exported: the one error root is stlink.errors)
 from stlink.io import atomic_dir, write_json
-
-
-class DataError(ValueError):
-    """Bad input data.  The message names the file, column, sensor or timestamp."""
 
 
 @dataclass
@@ -37,6 +35,7 @@ class RawData:
     edges: pd.DataFrame | None = None      # from, to, value
     adjacency: np.ndarray | None = None    # [N, N] in sensors order
     meta: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | None = None         # content hash of data/raw/<dataset>/ (load_raw); None in memory
 
     @property
     def channels(self) -> list[str]:
@@ -45,6 +44,39 @@ class RawData:
     @property
     def sensor_ids(self) -> list[str]:
         return self.sensors["sensor_id"].astype(str).tolist()
+
+
+def without_sensors(raw: RawData, drop: list[str] | set[str]) -> RawData:
+    """``raw`` without the sensors ``drop``: their readings, their rows in sensors, every edge that
+    touches them and their rows and columns of a dense adjacency."""
+    drop = {str(s) for s in drop}
+    if not drop:
+        return raw
+    keep = ~raw.sensors["sensor_id"].astype(str).isin(drop).to_numpy()          # (N,)
+    edges = raw.edges
+    if edges is not None:
+        touches = edges["from"].astype(str).isin(drop) | edges["to"].astype(str).isin(drop)
+        edges = edges[~touches].reset_index(drop=True)
+    adjacency = raw.adjacency
+    if adjacency is not None and adjacency.ndim == 2 and adjacency.shape == (len(keep), len(keep)):
+        idx = np.flatnonzero(keep)
+        adjacency = adjacency[np.ix_(idx, idx)]                                  # (N', N')
+    readings = raw.readings[~raw.readings["sensor_id"].astype(str).isin(drop)].reset_index(drop=True)
+    return RawData(readings, raw.sensors[keep].reset_index(drop=True), edges, adjacency, dict(raw.meta),
+                   raw.fingerprint)
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """sha256 over every file of ``folder`` (relative name and content hash), in name order."""
+    import hashlib
+
+    from stlink.io import sha256_file
+
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path)}\n".encode())
+    return h.hexdigest()
 
 
 def save_raw(raw: RawData, folder: str | Path, extra_files: dict[str, Path] | None = None) -> None:
@@ -75,7 +107,7 @@ def load_raw(folder: str | Path) -> RawData:
         edges = pd.read_csv(folder / "edges.csv", dtype={"from": str, "to": str})
     adjacency = np.load(folder / "adjacency.npy") if (folder / "adjacency.npy").exists() else None
     meta = json.loads((folder / "source.json").read_text())
-    return RawData(readings, sensors, edges, adjacency, meta)
+    return RawData(readings, sensors, edges, adjacency, meta, fingerprint=folder_fingerprint(folder))
 
 
 @dataclass

@@ -32,13 +32,29 @@ def gaussian_kernel(dist: np.ndarray, sigma: float | None, threshold: float) -> 
 
 
 def road_distances(direct: np.ndarray) -> np.ndarray:
-    """Shortest directed path lengths (N, N) from direct link lengths (inf = no link)."""
+    """Shortest directed path lengths (N, N) from direct link lengths (inf = no link; all > 0)."""
     from scipy.sparse.csgraph import shortest_path
 
-    finite = np.where(np.isfinite(direct), direct, 0.0)
-    # csgraph reads 0 as "no edge": a zero-length link is nudged to a tiny positive length
-    finite[np.isfinite(direct) & (direct == 0)] = 1e-9
+    links = direct[np.isfinite(direct)]
+    if (links <= 0).any() or np.isnan(direct).any():  # a negative cycle has no shortest path
+        raise DataError("road distances must be positive and finite (check_edge_values first)")
+    finite = np.where(np.isfinite(direct), direct, 0.0)  # csgraph reads 0 as "no link"
     return shortest_path(finite, method="D", directed=True)
+
+
+def check_edge_values(edges: pd.DataFrame, kind: str) -> None:
+    """Distances must be finite and > 0, weights finite and >= 0; else a ``DataError`` naming the edge.
+
+    Validation refuses these too; prepare checks again because a negative cycle would make the
+    shortest-path search run away rather than fail.
+    """
+    v = pd.to_numeric(edges["value"], errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(v) | ((v <= 0) if kind == "distance" else (v < 0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        need = "finite and > 0" if kind == "distance" else "finite and >= 0"
+        raise DataError(f"edges: {edges['from'].iloc[i]} -> {edges['to'].iloc[i]}: {kind} {float(v[i])!r} must be {need} "
+                        f"({int(bad.sum())} such edges)")
 
 
 def edges_to_matrix(edges: pd.DataFrame, sensor_ids: list[str], fill: float) -> np.ndarray:
@@ -62,6 +78,8 @@ def build_adjacency(raw: RawData, cfg: AdjacencyConfig) -> np.ndarray:
     n = len(ids)
     method = cfg.method
     kind = raw.meta.get("value_kind", "distance")
+    if raw.edges is not None:
+        check_edge_values(raw.edges, kind)
     if method == "auto":
         method = "given" if raw.adjacency is not None else ("gaussian" if kind == "distance" else "weights")
     if method == "given":
@@ -87,6 +105,9 @@ def build_adjacency(raw: RawData, cfg: AdjacencyConfig) -> np.ndarray:
         raise DataError(f"data.adjacency.method: unknown method {cfg.method!r} (auto|gaussian|binary|given)")
     if a.shape != (n, n):
         raise DataError(f"adjacency is {a.shape[0]}x{a.shape[1]} but there are {n} sensors")
+    if not np.isfinite(a).all() or (a < 0).any():
+        i, j = np.argwhere(~np.isfinite(a) | (a < 0))[0]
+        raise DataError(f"adjacency: entry {ids[i]} -> {ids[j]} is {float(a[i, j])!r}; entries must be finite and >= 0")
     if cfg.self_loops:
         np.fill_diagonal(a, np.maximum(np.diag(a), 1.0))
     if cfg.symmetric:

@@ -1,11 +1,14 @@
 """Pipeline step ``prepare``: validated raw readings -> the regular processed tensors.
 
-Pivots the long readings onto the regular time grid, builds the mask of valid readings from
-the raw values (before any scaling), the adjacency, the chronological splits and the training
-scaler, then validates the result and swaps it in atomically.
+Refuses raw data whose validation report is missing, failed or about other data (the report
+records the raw folder's fingerprint); leaves out the sensors validation dropped.  Then pivots
+the long readings onto the regular time grid (absent rows become missing readings), builds the
+mask of valid readings from the raw values (before any scaling), the adjacency, the
+chronological splits and the training scaler, validates the result and swaps it in atomically.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from stlink.config import Params
-from stlink.data.formats import DataError, ProcessedData, RawData, load_raw, save_processed
+from stlink.data.formats import DataError, ProcessedData, RawData, load_raw, save_processed, without_sensors
 from stlink.data.graph import build_adjacency
 from stlink.data.windows import compute_splits, default_split, fit_scaler
 
@@ -47,6 +50,11 @@ def to_tensors(raw: RawData, null_value: float) -> tuple[np.ndarray, np.ndarray,
     s_idx = pd.Index(ids).get_indexer(r["sensor_id"].astype(str))
     if (s_idx < 0).any():
         raise DataError(f"sensor {r['sensor_id'].astype(str)[s_idx < 0].iloc[0]!r} is in the readings but not in sensors")
+    dup = pd.DataFrame({"t": t_idx, "s": s_idx}).duplicated()
+    if dup.any():
+        i = int(np.flatnonzero(dup.to_numpy())[0])
+        raise DataError(f"readings: sensor {r['sensor_id'].iloc[i]!r} at {r['timestamp'].iloc[i]} appears more than "
+                        f"once ({int(dup.sum())} duplicated rows); validation refuses this, prepare will not pick one")
     chans = raw.channels
     values = np.full((len(grid), len(ids), len(chans)), null_value, dtype=np.float32)  # (T, N, C)
     values[t_idx, s_idx] = r[chans].to_numpy(np.float32)
@@ -55,12 +63,52 @@ def to_tensors(raw: RawData, null_value: float) -> tuple[np.ndarray, np.ndarray,
     return values, mask, grid
 
 
+def validated_report(raw: RawData, raw_dir: Path, report_dir: Path) -> dict:
+    """The passed validation report (``<report_dir>/raw.json``) of exactly this raw data, or a
+    ``DataError``: prepare never builds tensors from data that was not validated as it is now."""
+    report_path = Path(report_dir) / "raw.json"
+    failed_path = Path(report_dir) / "raw.failed.json"
+    failed = _read_report(failed_path)
+    if failed and failed.get("data_fingerprint") == raw.fingerprint:
+        raise DataError(f"{raw_dir} failed validation (see {failed_path}); prepare refuses it: fix the source and "
+                        "run `stlink ingest` and `stlink validate` again")
+    report = _read_report(report_path)
+    if report is None:
+        raise DataError(f"{report_path}: no validation report of {raw_dir}; run `stlink validate` first "
+                        "(prepare reads only validated data)")
+    if report.get("success") is not True:
+        raise DataError(f"{report_path}: validation did not pass; prepare refuses {raw_dir}")
+    if report.get("data_fingerprint") != raw.fingerprint:
+        raise DataError(f"{report_path} is the report of other data than {raw_dir} holds now (ingested since?); "
+                        "run `stlink validate` first")
+    return report
+
+
+def _read_report(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable validation report: {exc}") from None
+
+
 def prepare(params: Params, raw_dir: Path | None = None, out_dir: Path | None = None,
             report_dir: Path | None = None) -> ProcessedData:
+    """``report_dir`` (default ``reports/<dataset>/validation``) holds the raw report this checks
+    first and receives the processed report."""
     from stlink.validation import validate_processed
 
     cfg = params.data
-    raw = load_raw(raw_dir or params.raw_dir)
+    raw_dir = Path(raw_dir or params.raw_dir)
+    report_dir = Path(report_dir or params.report_dir / "validation")
+    raw = load_raw(raw_dir)
+    report = validated_report(raw, raw_dir, report_dir)
+    dropped = [d["sensor_id"] for d in report.get("dropped_sensors", [])]
+    raw = without_sensors(raw, dropped)
+    if dropped:
+        log.warning("leaving out %d sensors that validation dropped (validation.sparse_sensors=drop): %s",
+                    len(dropped), ", ".join(dropped[:10]))
     values, mask, grid = to_tensors(raw, cfg.null_value)
     step_s = int(pd.Timedelta(grid[1] - grid[0]).total_seconds())
     if 86400 % step_s:
@@ -91,6 +139,7 @@ def prepare(params: Params, raw_dir: Path | None = None, out_dir: Path | None = 
         "scaler": fit_scaler(values, mask, splits["train"]),
         "adjacency": vars(cfg.adjacency),
         "valid_fraction": float(mask.mean()),
+        "dropped_sensors": dropped,
     }
     data = ProcessedData(values=values, mask=mask, timestamps=grid.to_numpy("datetime64[ns]"),
                          adjacency=build_adjacency(raw, cfg.adjacency), sensor_ids=raw.sensor_ids,

@@ -53,20 +53,19 @@ def edges_table(raw: RawData) -> pd.DataFrame | None:
     require_columns(raw.edges, ["from", "to", "value"], "edges")
     e = raw.edges
     return pd.DataFrame({"from": ids(e["from"]), "to": ids(e["to"]),
-                         "value": pd.to_numeric(e["value"], errors="coerce").astype(np.float64)})
+                         "value": pd.to_numeric(e["value"], errors="coerce").astype(np.float64),
+                         "kind": str(raw.meta.get("value_kind") or "distance")})
 
 
 def time_steps(readings: pd.DataFrame) -> pd.DataFrame:
-    """Consecutive distinct timestamps over all sensors and per sensor.
+    """Consecutive distinct timestamps of the global time index (all sensors together).
 
-    Columns: sensor_id (``ALL_SENSORS`` for the overall index), timestamp, previous_timestamp,
-    step_seconds.
+    Columns: sensor_id (``ALL_SENSORS``), timestamp, previous_timestamp, step_seconds.  A
+    timestamp absent for one sensor only is a missing reading of that sensor (``missing_table``
+    counts it), not a gap: only a timestamp absent for every sensor is a gap in the index.
     """
-    pairs = readings[["sensor_id", "timestamp"]].dropna().drop_duplicates()
-    overall = pd.DataFrame({"sensor_id": ALL_SENSORS, "timestamp": np.sort(pairs["timestamp"].unique())})
-    both = pd.concat([overall, pairs.sort_values(["sensor_id", "timestamp"])], ignore_index=True)
-    both["previous_timestamp"] = both.groupby("sensor_id", sort=False)["timestamp"].shift()
-    steps = both.dropna(subset=["previous_timestamp"]).reset_index(drop=True)
+    times = np.sort(readings["timestamp"].dropna().unique())
+    steps = pd.DataFrame({"sensor_id": ALL_SENSORS, "timestamp": times[1:], "previous_timestamp": times[:-1]})
     steps["step_seconds"] = (steps["timestamp"] - steps["previous_timestamp"]).dt.total_seconds()
     return steps
 

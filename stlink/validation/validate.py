@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from stlink.config import ValidationConfig
-from stlink.data.formats import DataError, RawData, load_processed
+from stlink.data.formats import DataError, RawData, load_processed, without_sensors
 from stlink.io import atomic_dir, write_json
 from stlink.validation import tables as tb
 from stlink.validation.report import ValidationFailed, expectation_entry, jsonable, summary_message
@@ -31,10 +31,19 @@ PROCESSED_FILES = ["values.npy", "mask.npy", "timestamps.npy", "adjacency.npy", 
 
 def validate_raw(raw: RawData, cfg: ValidationConfig, report_dir: Path | None = None,
                  name: str = "raw") -> dict[str, Any]:
-    """Run the ``validation/raw_*.json`` suites on a parsed source; the report dict on success."""
+    """Run the ``validation/raw_*.json`` suites on a parsed source; the report dict on success.
+
+    ``cfg.sparse_sensors="drop"``: sensors missing more than ``cfg.max_missing_fraction`` of their
+    readings are left out first (with their edges) and listed in the report's ``dropped_sensors``
+    with a warning; ``stlink prepare`` leaves out the same ones.  ``"fail"``: they fail the run.
+    The report records the data's ``fingerprint`` (``RawData.fingerprint``), so that prepare can
+    tell that the report is about the raw data it is given.
+    """
+    null_value = float(raw.meta.get("null_value", 0.0))
+    raw, extra = drop_sparse_sensors(raw, cfg, null_value)
+    extra["data_fingerprint"] = raw.fingerprint
     readings = tb.readings_table(raw)
     sensors = tb.sensors_table(raw)
-    null_value = float(raw.meta.get("null_value", 0.0))
     steps = tb.time_steps(readings)
     freq = tb.frequency_seconds(steps)
     all_ids = sensors["sensor_id"].tolist()  # sensors order, None where an id is missing
@@ -59,7 +68,35 @@ def validate_raw(raw: RawData, cfg: ValidationConfig, report_dir: Path | None = 
         "adjacency_shape": lambda: None if adjacency is None else tb.adjacency_shape(adjacency),
         "adjacency": lambda: None if adjacency is None else tb.adjacency_entries(adjacency, all_ids),
     }
-    return run_suites(name, "raw", tables, parameters, raw.channels, cfg, report_dir)
+    return run_suites(name, "raw", tables, parameters, raw.channels, cfg, report_dir, extra)
+
+
+def drop_sparse_sensors(raw: RawData, cfg: ValidationConfig, null_value: float) -> tuple[RawData, dict[str, Any]]:
+    """(raw without its sparse sensors, report fields) under ``sparse_sensors=drop``; else unchanged.
+
+    A sensor is sparse when any channel misses more than ``max_missing_fraction`` of the
+    timestamps (null value, NaN or an absent row).  When every sensor is sparse none is dropped:
+    the ``raw_missing`` suite then fails naming them.
+    """
+    extra: dict[str, Any] = {"dropped_sensors": [], "warnings": []}
+    if cfg.sparse_sensors != "drop":
+        return raw, extra
+    readings = tb.readings_table(raw)
+    known = [s for s in tb.sensors_table(raw)["sensor_id"].tolist() if s is not None]
+    missing = tb.missing_table(readings, raw.channels, known, null_value)
+    worst = missing.groupby("sensor_id", sort=False)["missing_fraction"].max()      # per sensor
+    sparse = worst[worst > cfg.max_missing_fraction]
+    if sparse.empty or len(sparse) == len(worst):
+        return raw, extra
+    extra["dropped_sensors"] = [{"sensor_id": str(s), "missing_fraction": round(float(f), 6)}
+                                for s, f in sparse.items()]
+    shown = ", ".join(f"{s} ({f:.0%})" for s, f in list(sparse.items())[:10])
+    more = f" and {len(sparse) - 10} more" if len(sparse) > 10 else ""
+    extra["warnings"] = [f"dropped {len(sparse)} of {len(worst)} sensors missing more than "
+                         f"validation.max_missing_fraction={cfg.max_missing_fraction} of their readings, "
+                         f"with their graph edges (validation.sparse_sensors=drop): {shown}{more}"]
+    log.warning("%s", extra["warnings"][0])
+    return without_sensors(raw, set(sparse.index)), extra
 
 
 def channel_bounds(channels: list[str], cfg: ValidationConfig) -> dict[str, float]:
@@ -106,14 +143,15 @@ def meta_freq_seconds(meta: dict[str, Any], folder: Path) -> float:
 
 
 def run_suites(name: str, prefix: str, tables: Tables, parameters: dict[str, Any], channels: list[str],
-               cfg: ValidationConfig, report_dir: Path | None) -> dict[str, Any]:
-    """Run every ``<prefix>_*.json`` suite on its table; write the report; raise on failure."""
+               cfg: ValidationConfig, report_dir: Path | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every ``<prefix>_*.json`` suite on its table; write the report (with the ``extra``
+    fields); raise on failure."""
     suites = [fill_row_conditions(expand_channels(s, channels), parameters) for s in load_suites(prefix)]
     for suite in suites:
         if suite["meta"]["table"] not in tables:
             raise DataError(f"suite {suite['name']}: unknown meta.table {suite['meta']['table']!r}; "
                             f"known: {sorted(tables)}")
-    report: dict[str, Any] = {"name": name, "parameters": jsonable(parameters), "suites": {}}
+    report: dict[str, Any] = {"name": name, "parameters": jsonable(parameters), "suites": {}, **jsonable(extra or {})}
     with session() as gx:
         report["great_expectations_version"] = gx.gx_version
         for suite in suites:
