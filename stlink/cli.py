@@ -17,6 +17,11 @@ from stlink.config import ConfigError, Params, load_params
 from stlink.data.formats import DataError
 
 
+def cmd_fingerprint(params: Params, args: argparse.Namespace) -> None:
+    path, changed = pipeline.fingerprint_step(params)
+    print(f"source fingerprint {'changed' if changed else 'unchanged'} -> {path}")
+
+
 def cmd_ingest(params: Params, args: argparse.Namespace) -> None:
     print(f"ingested -> {pipeline.ingest_step(params)}")
 
@@ -88,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    add("fingerprint", cmd_fingerprint, "hash the source files in data.path into data/fingerprint/<dataset>.json "
+        "(rewritten only when their content changed; the DVC stage `source`, which re-runs ingest on a change)")
     add("ingest", cmd_ingest, "fetch or generate the configured source into data/raw/<dataset>/")
     add("validate", cmd_validate, "run the great-expectations suites on data/raw/<dataset>/; "
         "writes reports/<dataset>/validation/raw.json and Data Docs; fails on any failed expectation")

@@ -21,6 +21,13 @@ from stlink.config import Params
 log = logging.getLogger(__name__)
 
 
+def fingerprint_step(params: Params) -> tuple[Path, bool]:
+    """The content fingerprint of the source files (DVC stage ``source``, always run); (path, changed)."""
+    from stlink.data.ingest import write_fingerprint
+
+    return write_fingerprint(params)
+
+
 def ingest_step(params: Params) -> Path:
     from stlink.data.ingest import ingest
 

@@ -4,6 +4,7 @@ The one implementation behind ``stlink ingest``, the DVC stage ``ingest`` and th
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -24,6 +25,29 @@ def read_source(params: Params) -> tuple[RawData, dict[str, Path]]:
     from stlink.data.sources import load_source
 
     return load_source(cfg)
+
+
+def fingerprint_path(params: Params) -> Path:
+    """Where the DVC stage ``source`` keeps the content fingerprint of ``data.path``."""
+    return Path("data/fingerprint") / f"{params.data.dataset}.json"
+
+
+def write_fingerprint(params: Params, out: Path | None = None) -> tuple[Path, bool]:
+    """Write the source's content fingerprint (``source_fingerprint``); returns (path, changed).
+
+    The file is rewritten only when the fingerprint changed, so its content hash (what DVC
+    compares) moves only with the source files' content.
+    """
+    from stlink.data.sources import source_fingerprint
+    from stlink.io import write_json
+
+    out = Path(out or fingerprint_path(params))
+    fp = source_fingerprint(params.data)
+    text = json.dumps(fp, indent=2, sort_keys=True) + "\n"
+    if out.is_file() and out.read_text() == text:
+        return out, False
+    write_json(out, fp)
+    return out, True
 
 
 def ingest(params: Params, out_dir: Path | None = None) -> Path:

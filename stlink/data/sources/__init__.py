@@ -18,7 +18,7 @@ from typing import Any
 from stlink.data.sources.registry import FILE_SOURCES, ROLES, SOURCE_NAMES, SOURCES, Role, Source, get_source
 
 _LAZY = {
-    "load_source": "files", "locate": "files", "safe_name": "files",
+    "load_source": "files", "locate": "files", "safe_name": "files", "source_fingerprint": "files",
     "load_pems": "pems", "read_npz": "pems",
     "load_metrla": "metrla", "read_hdf": "metrla", "read_dcrnn_pickle": "metrla",
     "load_tgcn": "tgcn",

@@ -139,3 +139,27 @@ def load_source(cfg: "DataConfig") -> tuple["RawData", dict[str, Path]]:
     raw = spec.load(cfg, located)
     raw.meta["roles"] = {role: p.name for role, p in located.items() if p is not None}
     return raw, {p.name: p for p in located.values() if p is not None}
+
+
+def source_fingerprint(cfg: "DataConfig") -> dict:
+    """What the source is now, by content: {file name: sha256} of the files ``load_source`` would
+    read (found the same way, nothing parsed); for a download the configured checksums; for a
+    generated source its name.  Equal content gives an equal dict, so the DVC stage that writes
+    it (always run) changes its output, and re-runs ``ingest``, only when a source file changed.
+    """
+    spec = get_source(cfg.source)
+    if spec.generated:
+        return {"source": cfg.source, "generated": True}
+    if cfg.url:
+        return {"source": cfg.source, "url": cfg.url, "sha256": dict(sorted(cfg.sha256.items()))}
+    if not cfg.path:
+        raise DataError(f"data.source={cfg.source}: set data.path (a folder) or data.url")
+    folder, files = Path(cfg.path), dict(cfg.files)
+    if folder.is_file():
+        files.setdefault(next(iter(spec.roles)), folder.name)
+        folder = folder.parent
+    elif not folder.is_dir():
+        raise DataError(f"data.path={cfg.path}: no such file or folder")
+    located = locate(cfg.source, folder, files)
+    return {"source": cfg.source,
+            "files": {role: {"name": p.name, "sha256": sha256_file(p)} for role, p in located.items() if p is not None}}
