@@ -67,6 +67,7 @@ def tiny_params(dataset: str = "tiny", **train):
                   "spatial_dim": 2, "memory_size": 8, "memory_topk": 2, "lora_rank": 4},
         "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "warmup_steps": 4, "patience": 3, "seed": 7,
                   "max_train_batches": 6, "max_val_batches": 2, "device": "cpu", **train},
+        "reference": {"model": "stid", "epochs": 2, "max_train_batches": 4, "batch_size": 16},
         "evaluate": {"batch_size": 64, "plot_sensors": 2},
     })
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from conftest import make_processed, tiny_params
-from stlink.data.formats import load_processed, save_processed
+from stlink.config import ConfigError
+from stlink.data.formats import ProcessedData, load_processed, save_processed
 from stlink.data.windows import WindowDataset, time_features
 from stlink.training.baselines import HistoricalAverage, build_baselines, last_value
 from stlink.training.checkpoint import CheckpointError, load_trained
-from stlink.training.evaluate import abrupt_pairs, evaluate
+from stlink.training.evaluate import abrupt_pairs, evaluate, training_jump_threshold
 from stlink.training.metrics import MetricAccumulator
 from stlink.training.train import train
 
@@ -163,8 +164,10 @@ def test_evaluate_model_metrics_match_a_direct_computation(trained):
 def test_evaluate_abrupt_slice(trained):
     _, folder, params, results = trained
     ab = results["test"]["abrupt"]
-    assert ab["threshold"] == params.evaluate.abrupt_threshold
     data = load_processed(folder)
+    # the threshold is the top decile of the relative jumps over the TRAINING windows
+    assert ab["quantile"] == params.evaluate.abrupt_quantile == 0.9
+    assert ab["threshold"] == pytest.approx(training_jump_threshold(data, 12, 12, 0.9))
     ds = WindowDataset(data, "test", 12, 12)
     end = data.meta["splits"]["train"][1]
     mean = np.array([data.values[:end, n, 0][data.mask[:end, n]].mean() for n in range(4)])  # training means
@@ -172,12 +175,33 @@ def test_evaluate_abrupt_slice(trained):
     for i in range(len(ds)):
         w = ds[i]
         sel = abrupt_pairs(w["x"][None, -1, :, 0], w["x_mask"][None, -1], w["y"][None], w["y_mask"][None],
-                           mean, params.evaluate.abrupt_threshold)[0]
+                           mean, ab["threshold"])[0]
         count += int((w["y_mask"] & sel[None, :]).sum())
     assert ab["count"] == count > 0 and 0 < ab["fraction"] < 0.5
     assert "per_step" not in ab["model"] and ab["model"]["mae"] > 0
     # persistence suffers most when the level jumps
     assert ab["last_value"]["mae"] > results["test"]["last_value"]["mae"]
+
+
+def test_abrupt_threshold_is_a_training_quantile_of_relative_jumps():
+    """Hand-built series: one sensor steps by 10 at one training step; the top-decile threshold
+    selects the windows that contain that jump and nothing else."""
+    T, N = 200, 2
+    values = np.full((T, N, 1), 50.0, np.float32)
+    values[100:, 0, 0] = 60.0                                   # a jump of 10 (0.2 x mean 50) at t = 100
+    data = ProcessedData(values=values, mask=np.ones((T, N), bool),
+                         timestamps=np.datetime64("2024-01-01") + np.arange(T) * np.timedelta64(5, "m"),
+                         sensor_ids=["a", "b"],
+                         adjacency=np.eye(N, dtype=np.float32),
+                         meta={"splits": {"train": [0, 200], "val": [0, 0], "test": [0, 0]},
+                               "scaler": {"mean": [55.0], "std": [5.0]}})
+    # 177 windows x 2 sensors; the jump is inside 12 windows of sensor 0 (< 10 %): the 0.9 quantile is 0
+    assert training_jump_threshold(data, 12, 12, 0.9) == 0.0
+    # at 0.99 the quantile lies among the jump windows: relative jump 10 / mean of sensor 0
+    mean0 = values[:, 0, 0].mean()
+    assert training_jump_threshold(data, 12, 12, 0.99) == pytest.approx(10.0 / mean0)
+    with pytest.raises(ConfigError, match="abrupt_quantile"):
+        training_jump_threshold(data, 12, 12, 1.5)
 
 
 def test_evaluate_writes_plots_and_dvc_plot_tables(trained):
@@ -201,3 +225,29 @@ def test_evaluate_refuses_data_the_model_was_not_trained_on(trained, tmp_path):
     save_processed(data, other)
     with pytest.raises(CheckpointError, match="retrain"):
         evaluate(params, root / "model", tmp_path / "reports", data_dir=other, cache_dir=root / "bb")
+
+
+def test_stid_reference_is_trained_by_the_same_loop_and_reported_beside_the_baselines(tmp_path, one_torch_thread):
+    from stlink.training.reference import reference_dir, reference_params, train_reference
+
+    folder = make_processed(tmp_path)
+    params = tiny_params()
+    ref = reference_params(params)
+    assert ref.model.arch == "stid" and ref.train.epochs == params.reference.epochs == 2
+    assert params.model.arch == "stlink"  # the caller's params are untouched
+    train(params, out_dir=tmp_path / "model", data_dir=folder, cache_dir=tmp_path / "bb")
+    summary = train_reference(params, tmp_path / "model", data_dir=folder, cache_dir=tmp_path / "bb")
+    assert summary["epochs_run"] == 2 and (reference_dir(tmp_path / "model") / "best.pt").exists()
+    results = evaluate(params, model_dir=tmp_path / "model", out_dir=tmp_path / "rep", data_dir=folder,
+                       cache_dir=tmp_path / "bb")
+    for split in ("val", "test"):
+        stid, model = results[split]["stid"], results[split]["model"]
+        assert stid["count"] == model["count"] and stid["mae"] != model["mae"]
+        assert "stid" in results[split]["abrupt"]
+    rows = list(csv.DictReader((tmp_path / "rep" / "plots" / "horizon_test.csv").open()))
+    assert "stid_mae" in rows[0]
+    # reference.model=none: nothing trained, nothing reported
+    params.reference.model = "none"
+    assert reference_params(params) is None
+    assert "stid" not in evaluate(params, model_dir=tmp_path / "model", out_dir=tmp_path / "rep2", data_dir=folder,
+                                  cache_dir=tmp_path / "bb")["test"]

@@ -34,7 +34,7 @@ def _keys(seed: int = 1) -> np.ndarray:
 
 
 def _build(seed: int = 0, adjacency: np.ndarray | None = None, **overrides) -> torch.nn.Module:
-    mcfg = ModelConfig(**{"backbone": "tiny", "memory_size": M, **overrides})
+    mcfg = ModelConfig(**{"backbone": "tiny", "memory_size": M, "n_layers": 2, "patch_len": 3, **overrides})
     torch.manual_seed(seed)
     model = build_forecaster(
         mcfg, n_sensors=N, n_channels=C, input_len=L, output_len=H, steps_per_day=SPD,
@@ -215,13 +215,15 @@ def test_lora_trainable_set_is_exact():
     trainable = trainable_parameters(model)
     lora = {f"backbone.base_model.model.layers.{i}.self_attn.{p}.lora_{ab}.default.weight"
             for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "o_proj") for ab in "AB"}
-    new = {"revin.weight", "revin.bias", "embed.value.weight", "embed.value.bias", "embed.tod.weight",
-           "embed.dow.weight", "phases.proj.weight", "memory.0.values", "memory.0.log_temperature",
+    new = {"revin.weight", "revin.bias", "embed.value.weight", "embed.value.bias", "embed.calendar.tod.weight",
+           "embed.calendar.dow.weight", "identity.table", "level.weight", "level.bias",
+           "phases.proj.weight", "memory.0.values", "memory.0.log_temperature",
            "norm.weight", "norm.bias", "head.weight", "head.bias"}
     assert set(trainable) == lora | new
     # hidden 64, 4 heads x 16, 2 kv heads: per layer r*(64+64) for q and o, r*(64+32) for k and v
     assert sum(trainable[n] for n in lora) == 2 * 8 * (128 + 96 + 96 + 128)
-    assert sum(trainable.values()) == 30449
+    # fourier tod 12x64 + weekday/weekend 2x64 + identity 5x64 + level (2C -> 64) + the rest as before
+    assert sum(trainable.values()) == 13105
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert frozen and all(".base_layer." in n or ".mlp." in n or "layernorm" in n for n in frozen)
 
@@ -266,11 +268,17 @@ def test_attention_is_bidirectional():
     assert (after[:, :, 0] - before[:, :, 0]).abs().max() > 1e-3, "the first sensor cannot see the last one"
 
 
-def test_permuting_sensors_and_graph_permutes_the_forecast():
+@pytest.mark.parametrize("node_embedding", ["laplacian", "free", "none"])
+def test_permuting_sensors_and_graph_permutes_the_forecast(node_embedding):
+    """Equivariance: relabelling sensors (and the graph) relabels the forecast.  ``laplacian`` identities
+    follow the graph by construction; a ``free`` table has to be relabelled with the sensors."""
     perm = torch.tensor([2, 4, 0, 1, 3])
     adjacency = _adjacency()
-    model = _build(seed=3, adjacency=adjacency)
-    model_perm = _build(seed=3, adjacency=adjacency[perm][:, perm])
+    model = _build(seed=3, adjacency=adjacency, node_embedding=node_embedding)
+    model_perm = _build(seed=3, adjacency=adjacency[perm][:, perm], node_embedding=node_embedding)
+    if node_embedding == "free":
+        with torch.no_grad():
+            model_perm.identity.table.copy_(model.identity.table[perm])
     batch = _batch()
     with torch.no_grad():
         y = model(**batch)
@@ -322,17 +330,60 @@ def test_time_feature_switches():
     batch = _batch()
     other_day = dict(batch, dow=(batch["dow"] + 2) % 7)
     other_time = dict(batch, tod=(batch["tod"] + 0.25) % 1.0)
-    both, no_dow, no_tod = _build(), _build(day_of_week=False), _build(time_of_day=False)
+    both, no_dow, no_tod = _build(day_of_week="full"), _build(day_of_week="off"), _build(time_of_day="off")
     for name, model in (("both", both), ("no_dow", no_dow), ("no_tod", no_tod)):
         for module in model.embed.modules():   # untrained tables are tiny: make them matter
-            if isinstance(module, torch.nn.Embedding):
+            if isinstance(module, (torch.nn.Embedding, torch.nn.Linear)) and module is not model.embed.value:
                 torch.nn.init.normal_(module.weight, std=1.0)
     with torch.no_grad():
         assert not torch.allclose(both(**batch), both(**other_day))
         torch.testing.assert_close(no_dow(**batch), no_dow(**other_day))
         assert not torch.allclose(no_dow(**batch), no_dow(**other_time))
         torch.testing.assert_close(no_tod(**batch), no_tod(**other_time))
-    assert not any(n.startswith("embed.dow") for n in trainable_parameters(no_dow))
+    assert not any(n.startswith("embed.calendar.dow") for n in trainable_parameters(no_dow))
+
+
+def test_calendar_is_read_at_the_patch_last_step_and_weekdays_share_a_row():
+    """tod/dow of a patch come from its last step; Tue and Wed share the trained weekday row."""
+    batch = _batch()
+    model = _build(time_of_day="embedding", day_of_week="weekday_weekend")
+    for table in (model.embed.calendar.tod, model.embed.calendar.dow):
+        torch.nn.init.normal_(table.weight, std=1.0)
+    first_steps = dict(batch, tod=batch["tod"].clone())
+    first_steps["tod"][:, 0::3] += 0.3               # every patch's FIRST step changes: no effect
+    last_steps = dict(batch, tod=batch["tod"].clone())
+    last_steps["tod"][:, 2::3] += 0.3                # every patch's LAST step changes
+    tuesday, wednesday, sunday = (dict(batch, dow=torch.full_like(batch["dow"], d)) for d in (1, 2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch), model(**first_steps))
+        assert not torch.allclose(model(**batch), model(**last_steps))
+        torch.testing.assert_close(model(**tuesday), model(**wednesday))
+        assert not torch.allclose(model(**tuesday), model(**sunday))
+
+
+def test_fourier_time_of_day_is_smooth_and_periodic():
+    from stlink.model.forecaster import fourier_time
+
+    tod = torch.tensor([0.0, 0.5, 1.0 - 1e-7, 1.0 / 288])
+    f = fourier_time(tod)                                            # (4, 12)
+    assert f.shape == (4, 12)
+    torch.testing.assert_close(f[0], f[2], atol=1e-5, rtol=0)      # midnight wraps around
+    assert (f[3] - f[0]).abs().max() < 0.15                          # 5 minutes later: a small move
+
+
+def test_level_features_and_revin_switch_give_the_level_back():
+    """With RevIN on and no level features, a window shifted by a constant is forecast shifted by the
+    same constant (the model cannot see the level); level features or revin=false break that."""
+    batch = _batch()
+    shifted = dict(batch, x=torch.where(batch["x_mask"][..., None], batch["x"] + torch.tensor([15.0, 0.0]), batch["x"]))
+    blind = _build(level_features=False, node_embedding="none")
+    with torch.no_grad():
+        torch.testing.assert_close(blind(**shifted), blind(**batch) + 15.0, atol=1e-3, rtol=1e-4)
+        for model in (_build(level_features=True), _build(revin=False, level_features=False)):
+            for p in model.parameters():  # make the level path matter at initialisation
+                if p.requires_grad and p.ndim == 2:
+                    torch.nn.init.normal_(p, std=0.5)
+            assert (model(**shifted) - model(**batch) - 15.0).abs().max() > 1e-2
 
 
 def test_local_qwen2_folder_backbone_keeps_its_weights_and_sees_all_sensors(tmp_path):
