@@ -136,6 +136,8 @@ def test_export_step_from_a_model_directory(setup, tmp_path):
     rec = export_step(params, model_dir, model_dir)
     card = read_card(model_dir / "model.onnx")
     assert rec["passed"] and card.sensor_ids == ["s0", "s1", "s2", "s3"]
+    assert rec["variants"]["opt"]["passed"] and read_card(model_dir / "model.opt.onnx").sha256 != card.sha256
+    assert "int8" not in rec["variants"]      # export.quantize: none by default
     assert card.bounds == {"speed": params.validation.bounds["speed"]}
     args = random_inputs(3, L, N, 1, mean=np.array([50.0]), std=np.array([10.0]), steps_per_day=48, seed=9)
     with torch.no_grad():

@@ -80,7 +80,12 @@ def read_card(onnx_path: str | Path, *, require_parity: bool = True) -> ModelCar
         raise ExportError(f"{path}: describes a file with sha256 {raw['sha256'][:12]}..., but {onnx_path.name} "
                           f"has {digest[:12]}...; re-export the model")
     parity = raw.get("parity") or {}
-    if require_parity and not parity.get("passed"):
+    accuracy = raw.get("accuracy")  # int8 / fp16 variants (stlink.export.optimize): the test-MAE gate replaces parity
+    if require_parity and accuracy is not None and not accuracy.get("passed"):
+        raise ExportError(f"{onnx_path}: the export's accuracy gate failed (test MAE change "
+                          f"{accuracy.get('relative_change')}, allowed {accuracy.get('max_relative_change')}); "
+                          "refusing to score with it")
+    if require_parity and accuracy is None and not parity.get("passed"):
         raise ExportError(f"{onnx_path}: the export's parity check failed (max |ort - torch| = "
                           f"{parity.get('max_abs_diff')}, tolerance {parity.get('tolerance')}); refusing to score with it")
     return ModelCard(

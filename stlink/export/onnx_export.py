@@ -286,8 +286,12 @@ def export_onnx(model: nn.Module, out_path: str | Path, *, n_sensors: int, input
     return record
 
 
-def export_step(params: Params, model_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """``stlink export``: rebuild the trained model of ``model_dir`` and export ``out_dir/model.onnx``.
+def export_step(params: Params, model_dir: str | Path, out_dir: str | Path,
+                data_dir: str | Path | None = None) -> dict[str, Any]:
+    """``stlink export``: rebuild the trained model of ``model_dir`` and export ``out_dir/model.onnx``,
+    then the variants of ``params.export`` beside it (``stlink.export.optimize``: model.opt.onnx,
+    model.int8.onnx, model.fp16.onnx; the accuracy gate reads the test split of ``data_dir``,
+    default ``params.processed_dir``).
 
     Raises ``ExportError`` (after writing both files, so the registry gate can read the failed
     parity) when the ONNX model does not match PyTorch within the tolerance.
@@ -308,4 +312,8 @@ def export_step(params: Params, model_dir: str | Path, out_dir: str | Path) -> d
         raise ExportError(f"{out}: ONNX parity failed: max |ort - torch| = {record['max_abs_diff']:.3g} "
                           f"exceeds atol {record['tolerance']['atol']} + rtol {record['tolerance']['rtol']} "
                           f"x |torch|; see {sidecar_path(out)}")
+    from stlink.export.optimize import export_variants
+
+    record["variants"] = export_variants(model, out, params.export,
+                                         data_dir=params.processed_dir if data_dir is None else data_dir)
     return record
