@@ -94,6 +94,7 @@ class ModelConfig:
     revin: bool = True          # false: tokens see the global z-scored window (the level stays in the values)
     spatial_rope: str = "split"  # split | compose | off
     spatial_dim: int = 8        # Laplacian eigenvectors used for the sensor phases
+    head: str = "linear"        # linear | mlp (a trainable non-linearity after the frozen FFN: Linear-GELU-Linear)
     mrffn: str = "on"           # on | off
     mrffn_layers: int = 1       # last layers that get the memory read
     mrffn_query: str = "zscore"  # zscore (global z-scored window: keeps the level) | revin (the RevIN shape)
@@ -185,7 +186,10 @@ class DriftConfig:
     p_value: float = 0.01       # per-test significance of the distribution tests
     missing_increase: float = 0.2  # a sensor whose missing fraction exceeds training's by this is drifted
     level_sigma: float = 3.0    # a sensor whose window mean is this many training stds away is drifted
+    ks_statistic: float = 0.3   # ... and a KS test drifts only with p < p_value and D above this (effect size)
+    window_days: float = 1.0    # the input compared: the last this many days before the issue time
     retrain_on_drift: bool = False  # batch_forecast flow: start the nightly retrain deployment when drift is flagged
+    retrain_deployment: str = "training-pipeline/stlink-nightly-retrain"  # <flow>/<deployment> it starts
 
 
 @dataclass

@@ -188,7 +188,10 @@ class Forecaster(nn.Module):
             self.memory = nn.ModuleList()
         self.backbone = apply_lora(stack, mcfg)
         self.norm = nn.LayerNorm(hidden)
-        self.head = nn.Linear(self.n_patches * hidden, output_len)
+        if mcfg.head not in ("linear", "mlp"):
+            raise ValueError(f"model.head must be 'linear' or 'mlp', got {mcfg.head!r}")
+        self.head = (nn.Linear(self.n_patches * hidden, output_len) if mcfg.head == "linear" else
+                     nn.Sequential(nn.Linear(self.n_patches * hidden, hidden), nn.GELU(), nn.Linear(hidden, output_len)))
 
     def rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of the N*P tokens in sensor-major order, (1, N*P, head_dim)."""
