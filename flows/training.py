@@ -38,8 +38,7 @@ from flows.tasks import (StageFailed, artifact_key, check_dvc_project, io_retrie
                          training_slot, validation_artifacts)
 from stlink import pipeline
 from stlink.config import Params, load_params
-from stlink.data.formats import DataError
-from stlink.export.card import sidecar_path
+from stlink.errors import DataError
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -87,35 +86,6 @@ def evaluate_task(params: Params, use_dvc: bool) -> dict[str, Any]:
     return {split: read_json(params.report_dir / "metrics" / f"{split}.json") for split in ("val", "test")}
 
 
-def failed_parity(onnx_path: Path) -> dict[str, Any] | None:
-    """The parity record of an export that wrote ``onnx_path`` and its sidecar but failed parity, else None."""
-    from stlink.export.card import read_card
-
-    if not onnx_path.is_file() or not sidecar_path(onnx_path).is_file():
-        return None
-    try:
-        parity = read_card(onnx_path, require_parity=False).parity
-    except DataError:
-        return None
-    return None if parity.get("passed") else parity
-
-
-def registered_version(params: Params, onnx_path: Path) -> str:
-    """The registry version whose ONNX file is ``onnx_path`` (by sha256)."""
-    from stlink.io import sha256_file
-    from stlink.tracking import RegistryError, registered_model_name, tracking_config
-    from stlink.tracking.mlflow_log import client_for
-
-    cfg = tracking_config(params)
-    name = registered_model_name(cfg, params.data.dataset)
-    digest = sha256_file(onnx_path)
-    for mv in client_for(cfg).search_model_versions(f"name = '{name}'"):
-        if mv.tags.get("onnx_sha256") == digest:
-            return str(mv.version)
-    raise RegistryError(f"{onnx_path} (sha256 {digest[:12]}) is not a registered version of {name}; "
-                        f"run `stlink export`")
-
-
 @task(name="export", cache_policy=NO_CACHE, **io_retries())
 def export_task(params: Params, use_dvc: bool) -> str:
     """The merged forecaster as ONNX (+ card) in ``models/exported/<dataset>``, checked against PyTorch and
@@ -129,37 +99,33 @@ def export_task(params: Params, use_dvc: bool) -> str:
     try:
         run_step("export", use_dvc, lambda: pipeline.export_step(params))
     except (DataError, StageFailed):
-        parity = failed_parity(onnx_path)
+        parity = pipeline.failed_parity_step(onnx_path)
         if parity is None or onnx_path.stat().st_mtime < started - 1:
             raise
         get_run_logger().error("ONNX parity failed (max |ort - torch| %s): %s is registered for the gate to "
                                "refuse", parity.get("max_abs_diff"), onnx_path)
-    return registered_version(params, onnx_path)
+    return pipeline.registered_version_step(params, onnx_path)
 
 
 @task(name="promote", cache_policy=NO_CACHE, **io_retries())
 def promote_task(params: Params, use_dvc: bool, version: str) -> dict[str, Any]:
     """Gate the new ``version`` (the challenger) against the champion and the baselines; a refusal keeps the
     champion serving."""
-    from stlink.tracking import CHAMPION, registered_model_name, tracking_config
-    from stlink.tracking.mlflow_log import client_for
-    from stlink.tracking.registry import version_by_alias
-
     logger = get_run_logger()
-    cfg = tracking_config(params)
-    name = registered_model_name(cfg, params.data.dataset)
-    result = run_step("promote", use_dvc, lambda: pipeline.promote_step(params))
-    client = client_for(cfg)
-    tags = client.get_model_version(name, version).tags
-    champion = version_by_alias(client, name, CHAMPION)
-    record = {"model": name, "version": version, "promoted": champion is not None and str(champion.version) == version,
-              "champion": None if champion is None else str(champion.version),
-              "decision": tags.get("gate.decision", "")}
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    try:
+        result = run_step("promote", use_dvc, lambda: pipeline.promote_step(params))
+    except StageFailed:  # `stlink promote` exits 3 on a refusal: a verdict, not a failure of the flow
+        record = pipeline.promotion_record_step(params, version)
+        if not (record["decision"].startswith("refused") and record["checked_at"][:19] >= started):
+            raise
+        result = None
+    record = pipeline.promotion_record_step(params, version)
+    name = record["model"]
     lines = [f"### {name} v{version}: {record['decision'] or 'no gate decision recorded'}", "",
              f"champion: {'v' + record['champion'] if record['champion'] else 'none'}", "",
              "| gate | result |", "|---|---|"]
-    lines += [f"| {k[len('gate.'):]} | {v.replace('|', '/')} |" for k, v in sorted(tags.items())
-              if k.startswith("gate.") and k not in ("gate.decision", "gate.checked_at")]
+    lines += [f"| {k} | {v.replace('|', '/')} |" for k, v in record["gates"].items()]
     create_markdown_artifact(markdown="\n".join(lines), key=artifact_key("promotion", params.data.dataset),
                              description=f"promotion gate of {name} v{version}")
     if record["promoted"]:

@@ -4,17 +4,32 @@
 
 Global options come before the subcommand: ``--params`` (default ``params.yaml``) and
 ``-S key.path=value`` overrides (YAML values, the same syntax as ``dvc exp run -S``).
+
+Exit codes (for schedulers): 0 done; 2 error, reported as one line ``stlink <command>: error: ...``
+(bad params, bad data, a missing or unusable file, disk full, a read-only output, a busy lock);
+3 ``stlink promote`` ran its gate and refused the challenger (the champion is unchanged);
+130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
 
 from stlink import pipeline
-from stlink.config import ConfigError, Params, load_params
-from stlink.data.formats import DataError
+from stlink.config import Params, load_params
+from stlink.errors import StlinkError
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+EXIT_REFUSED = 3      # promote: the gate refused the challenger; the champion did not move
+EXIT_INTERRUPTED = 130
+
+
+class Refused(Exception):
+    """A command that ran to the end with a negative verdict (exit code ``EXIT_REFUSED``)."""
 
 
 def cmd_fingerprint(params: Params, args: argparse.Namespace) -> None:
@@ -55,9 +70,10 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
 
 def cmd_export(params: Params, args: argparse.Namespace) -> None:
     rec = pipeline.export_step(params)
+    alias = rec.get("registered_alias") or "challenger"
     print(f"exported -> {rec['path']} ({rec['exporter']} exporter, parity max |diff| {rec['max_abs_diff']:.2g} "
           f"<= atol {rec['tolerance']['atol']} + rtol {rec['tolerance']['rtol']}); registered version "
-          f"{rec['registered_version']} (challenger)")
+          f"{rec['registered_version']} ({alias})")
 
 
 def cmd_forecast(params: Params, args: argparse.Namespace) -> None:
@@ -69,7 +85,11 @@ def cmd_promote(params: Params, args: argparse.Namespace) -> None:
     if args.rollback:
         print(f"rolled back: champion -> v{pipeline.rollback_step(params)}")
     else:
-        print(pipeline.promote_step(params, version=args.version).describe())
+        result = pipeline.promote_step(params, version=args.version)
+        print(result.describe())
+        if not result.promoted:
+            raise Refused(f"the gate refused {result.name} v{result.version}; the champion stays "
+                          f"{'v' + result.champion_after if result.champion_after else 'unset'}")
 
 
 def cmd_monitor(params: Params, args: argparse.Namespace) -> None:
@@ -138,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_line(exc: OSError) -> str:
+    """``No space left on device: data/raw/x.parquet`` (what failed, on which file)."""
+    what = exc.strerror or str(exc)
+    hint = " (free some space and run it again; earlier outputs were kept)" if exc.errno in (errno.ENOSPC,
+                                                                                            errno.EDQUOT) else ""
+    name = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+    return f"{what}{name}{hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -148,10 +177,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params, args.set)
         args.func(params, args)
-    except (DataError, ConfigError) as exc:
-        print(f"stlink {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    except Refused as exc:
+        print(f"stlink {args.command}: refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except StlinkError as exc:
+        if args.verbose:
+            logging.getLogger("stlink").exception("details")
+        print(f"stlink {args.command}: error: {exc or type(exc).__name__}", file=sys.stderr)  # (a failed suite
+        # adds one line per failed expectation below its headline)
+        return EXIT_ERROR
+    except OSError as exc:  # the machine refused: disk full, read-only folder, permissions
+        if args.verbose:
+            logging.getLogger("stlink").exception("details")
+        print(f"stlink {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"stlink {args.command}: interrupted; earlier outputs were kept", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

