@@ -194,3 +194,44 @@ def test_two_cpu_processes_data_parallel(data_dir, tmp_path):
     assert (out / "best.pt").exists() and (out / "last.pt").exists()
     assert not [p for p in os.listdir(out) if p.startswith(".")]  # no stray temp files from a second writer
     load_trained(out, cache_dir=tmp_path / "bb")
+
+
+def test_lora_matrices_get_their_own_learning_rate():
+    from stlink.config import ModelConfig
+    from stlink.model import build_forecaster
+    from stlink.training.train import make_optimizer
+
+    net = build_forecaster(ModelConfig(backbone="tiny", mrffn="off", lora_rank=2), n_sensors=3, n_channels=1,
+                           input_len=12, output_len=12, steps_per_day=48, adjacency=np.eye(3, dtype=np.float32),
+                           scaler_mean=[50.0], scaler_std=[10.0], memory_keys=None)
+    opt = make_optimizer(net, lr=1e-3, weight_decay=0.1, lora_lr=2e-4)
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        group = by_param[id(p)]
+        assert group["lr"] == (2e-4 if ".lora_" in name else 1e-3), name
+        assert group["weight_decay"] == (0.1 if p.ndim >= 2 else 0.0), name
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in net.parameters())
+
+
+def test_step_budget_sets_the_schedule_and_stops_training(data_dir, tmp_path):
+    """train.max_steps=7 with 3 epochs x 4 batches: 7 optimizer steps in all, LR annealed to 0."""
+    summary = run(data_dir, tmp_path / "m", tmp_path / "bb", epochs=3, max_train_batches=4, max_steps=7,
+                  warmup_steps=1)
+    hist = summary["history"]
+    assert [h["batches"] for h in hist] == [4, 3]
+    assert hist[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert summary["windows_seen"] == 7 * 16 and summary["train_cpu_seconds"] > 0
+
+
+def test_precision_choice():
+    from stlink.config import ConfigError
+    from stlink.training.train import cpu_bf16_flags, cpu_bf16_is_faster, mixed_precision
+
+    assert mixed_precision("fp32", use_cuda=False) == "no"
+    assert mixed_precision("bf16", use_cuda=False) == "bf16"
+    assert mixed_precision("auto", use_cuda=False) == ("bf16" if cpu_bf16_is_faster(cpu_bf16_flags()) else "no")
+    assert not cpu_bf16_is_faster({"avx512_bf16"}) and cpu_bf16_is_faster({"avx512_bf16", "amx_bf16"})
+    with pytest.raises(ConfigError, match="train.precision"):
+        mixed_precision("fp16", use_cuda=False)
