@@ -24,7 +24,7 @@ from prefect.tasks import exponential_backoff
 
 from stlink.config import ConfigError
 from stlink.data.download import DownloadError
-from stlink.data.formats import DataError
+from stlink.errors import DataError, StlinkError
 
 T = TypeVar("T")
 
@@ -34,7 +34,7 @@ IO_BACKOFF_S = 10.0                 # first retry after 10 s, then 20 s, 40 s
 STAGE_LOG_TAIL = 10                 # last non-INFO lines of a failed `dvc repro` quoted in the error
 
 
-class StageFailed(RuntimeError):
+class StageFailed(StlinkError, RuntimeError):
     """``dvc repro <stage>`` exited non-zero; the message quotes the end of its output."""
 
 

@@ -202,6 +202,16 @@ def check_forecast_output(output: str | Path, fmt: str) -> Path:
     return check_output_location(output, fmt)
 
 
+def scoring_options(params: Params, model_path: str | Path) -> dict[str, Any]:
+    """onnxruntime threads (``score.intra_op_threads`` / ``inter_op_threads``) and the interval columns
+    (``intervals.coverages`` when the card is calibrated) that every scoring entry point uses."""
+    from stlink.export.optimize import session_options_from_params
+    from stlink.monitoring.intervals import interval_bands
+
+    return {"session_options": session_options_from_params(params.score),
+            "interval_bands": interval_bands(model_path, params.intervals.coverages, params.intervals.forecast)}
+
+
 def forecast_step(params: Params, *, model: str | None = None, input: str | Path | None = None,
                   output: str | Path | None = None, device: str | None = None, start: Any = None,
                   end: Any = None, fmt: str | None = None, source: str | None = None,
@@ -218,7 +228,7 @@ def forecast_step(params: Params, *, model: str | None = None, input: str | Path
     m = score_model_step(params, model)
     record = forecast(m["path"], forecast_input(params, input), out, device=device or params.score.device,
                       start=start, end=end, fmt=fmt, model_version=m["version"], source=source, data_cfg=params.data,
-                      validation=params.validation)
+                      validation=params.validation, **scoring_options(params, m["path"]))
     if not quiet:
         print(f"forecast: {record['rows']} rows ({record['issue_times']} issue time(s), {record['first_issue']} .. "
               f"{record['last_issue']}) on {record['provider']} -> {out}; {record['status_summary']}")
@@ -241,7 +251,7 @@ def forecast_plan_step(params: Params, model_path: str | Path, input: str | Path
 
 def forecast_chunk_step(params: Params, model_path: str | Path, first: str, last: str, *,
                         input: str | Path | None = None, device: str | None = None, model_version: str | None = None,
-                        source: str | None = None, session_options=None):
+                        source: str | None = None):
     """Forecasts of the issue times ``[first, last]`` as a DataFrame (the rows ``forecast_step`` would write;
     the great-expectations suite ran in ``forecast_plan_step``)."""
     import tempfile
@@ -254,7 +264,7 @@ def forecast_chunk_step(params: Params, model_path: str | Path, first: str, last
         part = Path(tmp) / "part.parquet"
         forecast(model_path, forecast_input(params, input), part, device=device or params.score.device, start=first,
                  end=last, model_version=model_version, source=source, data_cfg=params.data,
-                 validation=params.validation, gx=False, progress=False, session_options=session_options)
+                 validation=params.validation, gx=False, progress=False, **scoring_options(params, model_path))
         return pd.read_parquet(part)
 
 

@@ -90,10 +90,14 @@ class LineProgress:
 
 
 def progress(iterable: Iterable | None = None, *, total: float | None = None, desc: str = "", unit: str = "it",
-             disable: bool = False, leave: bool = True, line_every: float | None = None, **kwargs: Any):
-    """A tqdm bar on a terminal, a ``LineProgress`` elsewhere (see module doc); same calls either way."""
+             disable: bool = False, leave: bool = True, line_every: float | None = None, lines: bool = True,
+             **kwargs: Any):
+    """A tqdm bar on a terminal, a ``LineProgress`` elsewhere (see module doc); same calls either way.
+
+    ``lines=False``: no lines at all off a terminal (the caller writes its own line per unit, e.g. the
+    training loop's one line per epoch)."""
     mode = progress_mode()
-    if disable or mode == "off":
+    if disable or mode == "off" or (mode == "lines" and not lines):
         return LineProgress(iterable, total=total, desc=desc, unit=unit, disable=True)
     if mode == "lines":
         return LineProgress(iterable, total=total, desc=desc, unit=unit, line_every=line_every)

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO
 
-from tqdm import tqdm
+from stlink.progress import progress as progress_meter
 
 from stlink.data.formats import DataError
 from stlink.io import atomic_path
@@ -92,9 +92,9 @@ def _download(url: str, tmp: Path, timeout: float, label: str) -> str:
 def _stream(fin: BinaryIO, tmp: Path, total: int | None, label: str, progress: bool = False) -> str:
     """Copy ``fin`` to ``tmp`` in chunks; returns the sha256 of what was written."""
     h = hashlib.sha256()
-    with open(tmp, "wb") as fout, tqdm(total=total, unit="B", unit_scale=True, desc=label,
-                                       file=sys.stderr, disable=not progress or total is None,
-                                       leave=False) as bar:
+    with open(tmp, "wb") as fout, progress_meter(total=total, unit="B", unit_scale=True, desc=label,
+                                                 file=sys.stderr, disable=not progress or total is None,
+                                                 leave=False) as bar:
         for block in iter(lambda: fin.read(CHUNK), b""):
             h.update(block)
             fout.write(block)

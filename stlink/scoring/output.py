@@ -3,7 +3,8 @@
 Columns (``docs/conventions.md`` plus the per-sensor verdict):
 ``sensor_id, issued_at, target_time, horizon_step, value, model_version, status, reason``.
 ``status`` is ``ok`` (``value`` in original units) or ``no_forecast`` (``value`` null; ``reason`` says why,
-see ``stlink.scoring.status``).  Exactly one row per sensor x horizon step x issue time.
+see ``stlink.scoring.status``).  Exactly one row per sensor x horizon step x issue time.  When the
+model card carries an interval calibration, ``lower_<k>`` / ``upper_<k>`` follow (``stlink.monitoring.intervals``).
 """
 from __future__ import annotations
 
@@ -85,8 +86,9 @@ def validate_output(df: pd.DataFrame, *, sensor_ids: list[str], horizon: int, is
     def fail(msg: str) -> None:
         raise OutputValidationError(f"{where}: output validation failed: {msg}; nothing written")
 
-    if tuple(df.columns) != OUTPUT_COLUMNS:
-        fail(f"columns {list(df.columns)}, expected {list(OUTPUT_COLUMNS)}")
+    extra = [c for c in df.columns[len(OUTPUT_COLUMNS):] if not c.startswith(("lower_", "upper_"))]
+    if tuple(df.columns[:len(OUTPUT_COLUMNS)]) != OUTPUT_COLUMNS or extra:
+        fail(f"columns {list(df.columns)}, expected {list(OUTPUT_COLUMNS)} (then lower_<k>/upper_<k> intervals)")
     unknown = ~df["status"].isin(STATUSES)
     if unknown.any():
         fail(f"status {df.loc[unknown, 'status'].iloc[0]!r}: one of {', '.join(STATUSES)}")
@@ -95,7 +97,7 @@ def validate_output(df: pd.DataFrame, *, sensor_ids: list[str], horizon: int, is
     no_reason = ~ok & (reason == "").to_numpy()
     if no_reason.any():
         fail(f"{int(no_reason.sum())} {NO_FORECAST} row(s) without a reason")
-    nan = (df.drop(columns=["value", "reason"]).isna().any(axis=1).to_numpy() | (ok & df["value"].isna().to_numpy()))
+    nan = (df[[c for c in OUTPUT_COLUMNS if c not in ("value", "reason")]].isna().any(axis=1).to_numpy() | (ok & df["value"].isna().to_numpy()))
     if nan.any():
         row = df[nan].iloc[0]
         fail(f"{int(nan.sum())} row(s) with NaN, e.g. sensor {row['sensor_id']!r} issued {row['issued_at']} "

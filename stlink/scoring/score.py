@@ -120,7 +120,8 @@ def forecast(model: str | Path, input: str | Path, output: str | Path, *, device
              source: str | None = None, data_cfg: DataConfig | None = None,
              validation: ValidationConfig | None = None, gx: bool = True, chunk_size: int = 256,
              max_missing_run: int | None = None, io_binding: bool = True, progress: bool = True,
-             on_chunk: Callable[[int, int], None] | None = None, session_options=None) -> dict[str, Any]:
+             on_chunk: Callable[[int, int], None] | None = None, session_options=None,
+             interval_bands: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Score ``input`` with the ONNX ``model`` and write the forecast table to ``output``.
 
     ``start``/``end``: issue-time range (see ``issue_positions``); none = the latest window.
@@ -129,6 +130,9 @@ def forecast(model: str | Path, input: str | Path, output: str | Path, *, device
     ``gx`` runs the raw suite on readings inputs.  ``max_missing_run``: longest accepted run of
     missing readings per sensor in a window (default ``input_len // 2``); longer ones are not
     forecast (``status = no_forecast``).  ``on_chunk(i, rows)`` is called after each chunk is written.
+    ``session_options``: onnxruntime ``SessionOptions`` (threads; ``stlink.export.optimize``).
+    ``interval_bands``: half-widths ``{"80": (H, N)}`` -> ``lower_80`` / ``upper_80`` columns
+    (``stlink.monitoring.intervals.interval_bands``).
 
     Returns a record: output, format, rows, rows_ok, rows_no_forecast, sensors_not_forecast,
     status_summary, issue_times, first_issue, last_issue, sensors, horizon, device, provider (what
@@ -157,8 +161,13 @@ def forecast(model: str | Path, input: str | Path, output: str | Path, *, device
         with RowWriter(fh, fmt) as writer, bar:
             for i, (idx, rows_k, feed) in enumerate(batches(w, card, chunk_size, status.usable)):
                 y = runner(feed)                                                      # (B, H, N)
-                writer.write(forecast_rows(y, w.timestamps[idx], card.sensor_ids, card.freq, version,
-                                           status.reasons(rows_k)))
+                table = forecast_rows(y, w.timestamps[idx], card.sensor_ids, card.freq, version, status.reasons(rows_k))
+                if interval_bands:
+                    from stlink.monitoring.intervals import add_interval_columns
+
+                    table = add_interval_columns(table, interval_bands, card.sensor_ids,
+                                                 validation.bounds.get(card.channels[0]))
+                writer.write(table)
                 bar.update(len(idx) * n * h)
                 if on_chunk is not None:
                     on_chunk(i, writer.rows)

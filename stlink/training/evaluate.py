@@ -41,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from stlink.progress import progress
 
 from stlink.config import ConfigError, Params
 from stlink.data.formats import DataError, ProcessedData, load_processed
@@ -124,7 +124,7 @@ def evaluate_split(model: torch.nn.Module, data: ProcessedData, split: str, para
     abrupt = {n: MetricAccumulator(output_len, ecfg.mape_floor) for n in names}
     kept: list[np.ndarray] = []
     n_kept = 0
-    for batch in tqdm(loader, desc=f"evaluate {split}", leave=False):
+    for batch in progress(loader, desc=f"evaluate {split}", leave=False):
         y, m = batch["y"].numpy(), batch["y_mask"].numpy()            # (B, H, N)
         sel = abrupt_pairs(batch["x"][:, -1, :, 0].numpy(), batch["x_mask"][:, -1].numpy(), y, m,
                            scale, threshold)                          # (B, N)

@@ -49,7 +49,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, Subset
-from tqdm.auto import tqdm
+from stlink.progress import progress
+from stlink.progress import write as progress_write
 
 from stlink.config import ConfigError, Params, to_dict
 from stlink.data.formats import DataError, load_processed
@@ -358,7 +359,7 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
             save_checkpoint({**payload, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "state": dict(state), "history": history, "rng": rng_state()}, last_path)
             write_json(out_dir / "train_metrics.json", _summary(history, state, extra))
-            tqdm.write(f"epoch {epoch + 1}/{tc.epochs}: loss {record['train_loss']:.4f}, val MAE "
+            progress_write(f"epoch {epoch + 1}/{tc.epochs}: loss {record['train_loss']:.4f}, val MAE "
                        f"{val['mae'] if val['mae'] is None else round(val['mae'], 4)}"
                        f"{' (best)' if improved else ''}, {record['samples_per_s'] or 0:.0f} samples/s")
         accelerator.wait_for_everyone()
@@ -386,8 +387,8 @@ def _train_epoch(model, optimizer, scheduler, loader, accelerator, tc, epoch: in
     start, cpu_start = time.perf_counter(), time.process_time()
     loss_sum = torch.zeros((), device=accelerator.device)
     n_seen = 0
-    bar = tqdm(loader, total=n_batches, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
-               disable=not accelerator.is_local_main_process)
+    bar = progress(loader, total=n_batches, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False, lines=False,
+                   disable=not accelerator.is_local_main_process)  # off a terminal: only the epoch line below
     for i, batch in enumerate(bar):
         if i >= n_batches:  # the step budget (train.max_steps) ends inside this epoch
             break
