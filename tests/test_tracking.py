@@ -34,6 +34,7 @@ from stlink.training.checkpoint import load_trained  # noqa: E402
 def project(tmp_path_factory):
     """Trained, evaluated and tracked tiny model in a temp project (cwd = project root)."""
     from stlink.training.evaluate import evaluate
+    from stlink.training.reference import train_reference
     from stlink.training.train import train
 
     root = tmp_path_factory.mktemp("project")
@@ -56,6 +57,7 @@ def project(tmp_path_factory):
         mp.chdir(root)
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         summary = train(params, params.model_dir, data_dir=data_dir, cache_dir=root / "cache")
+        train_reference(params, params.model_dir, data_dir=data_dir, cache_dir=root / "cache")  # STID beside it
         metrics = evaluate(params, params.model_dir, params.report_dir, data_dir=data_dir, cache_dir=root / "cache")
         run_id = track_train_step(params, summary, wall_time_s=12.5, project_dir=root, cache_dir=root / "cache")
         assert track_evaluate_step(params, metrics, project_dir=root) == run_id
@@ -123,7 +125,7 @@ def test_evaluation_metrics_per_step_for_the_model_and_every_baseline(project):
     client, run_id, metrics = project["client"], project["run_id"], project["metrics"]
     m = client.get_run(run_id).data.metrics
     for split in ("val", "test"):
-        for method in ("model", "last_value", "historical_average", "seasonal_naive"):
+        for method in ("model", "stid", "last_value", "historical_average", "seasonal_naive"):
             ref = metrics[split][method]
             assert m[f"{split}.{method}.mae"] == pytest.approx(ref["mae"])
             assert m[f"{split}.{method}.rmse"] == pytest.approx(ref["rmse"])
@@ -133,7 +135,9 @@ def test_evaluation_metrics_per_step_for_the_model_and_every_baseline(project):
             assert m[f"{split}.abrupt.{method}.mae"] == pytest.approx(metrics[split]["abrupt"][method]["mae"])
         assert m[f"{split}.abrupt.fraction"] == pytest.approx(metrics[split]["abrupt"]["fraction"])
         assert m[f"{split}.mape_floor"] == metrics[split]["model"]["mape_floor"]
+    # the naive baselines gate promotion; the learned reference is logged and tagged, not gating
     assert client.get_run(run_id).data.tags["stlink.baselines"] == "last_value,historical_average,seasonal_naive"
+    assert client.get_run(run_id).data.tags["stlink.references"] == "stid"
 
 
 def test_run_artifacts_hold_plots_metrics_and_training_files(project):
