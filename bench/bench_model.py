@@ -37,6 +37,8 @@ VARIANTS = {
     "node_off": ["model.node_embedding=none"],
     "level_off": ["model.level_features=false"],
     "random_backbone": ["model.pretrained=false"],
+    "patch6": ["model.patch_len=6"],
+    "patch6_spatial_off": ["model.patch_len=6", "model.spatial_rope=off"],
     "stid": [],  # the learned reference, trained with the `reference` section like `stlink train` does
 }
 BASELINES = ("last_value", "historical_average", "seasonal_naive")
