@@ -20,6 +20,7 @@ from pathlib import Path
 
 from stlink import pipeline
 from stlink.config import Params, load_params
+from stlink.data.sources.registry import FILE_SOURCES
 from stlink.errors import StlinkError
 
 EXIT_OK = 0
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "path/to/model.onnx (with its model.json beside it); default: score.model")
     p.add_argument("--input", default=None, help="processed folder, raw folder, or readings file/folder "
                    "(default: data/processed/<dataset>)")
-    p.add_argument("--source", default=None, choices=["pems", "metrla", "tgcn", "byo"],
+    p.add_argument("--source", default=None, choices=list(FILE_SOURCES),
                    help="format of readings files (default: data.source; byo when that is synthetic)")
     p.add_argument("--output", default=None, help="default: reports/<dataset>/forecast.<format>")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None, help="default: score.device")

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from stlink.data.sources.registry import SOURCE_NAMES
 from stlink.errors import ConfigError  # noqa: F401  (re-exported: the one error root is stlink.errors)
 
 
@@ -302,6 +303,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {  # params whose value is one of a few words
+    "data.source": SOURCE_NAMES,  # the table of loaders, stlink/data/sources/registry.py
     "model.spatial_rope": ("split", "compose", "off"),
     "model.mrffn": ("on", "off"),
     "validation.sparse_sensors": ("drop", "fail"),

@@ -165,3 +165,21 @@ def test_a_link_out_of_data_path_is_refused_a_link_inside_is_followed(tmp_path):
     os.symlink(src / "2024" / "readings.csv", src / "readings.csv")
     raw, files = load_source(DataConfig(dataset="t", source="byo", path=str(src)))
     assert raw.sensor_ids == ["s1", "s2"] and files["readings.csv"] == src / "readings.csv"
+
+
+def test_the_cli_and_the_params_check_read_the_table_of_sources():
+    from stlink.cli import build_parser
+    from stlink.config import ConfigError, params_from_dict
+    from stlink.data.sources import FILE_SOURCES, SOURCE_NAMES, SOURCES
+
+    assert SOURCE_NAMES == ("synthetic", "pems", "metrla", "tgcn", "byo") and "synthetic" not in FILE_SOURCES
+    forecast = build_parser()._subparsers._group_actions[0].choices["forecast"]
+    source = next(a for a in forecast._actions if a.dest == "source")
+    assert list(source.choices) == list(FILE_SOURCES)
+    with pytest.raises(ConfigError, match="data.source='pmes': one of synthetic, pems, metrla, tgcn, byo"):
+        params_from_dict({"data": {"source": "pmes"}})
+    import importlib
+
+    for spec in SOURCES.values():                         # every row names a loader that exists
+        module, func = spec.loader.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), spec.name
