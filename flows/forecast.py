@@ -34,6 +34,7 @@ from stlink import pipeline
 from stlink.config import Params, load_params
 from stlink.errors import ConfigError
 from stlink.errors import DataError
+from stlink.monitoring.batch import after_forecast
 
 RUNNERS = ("threads", "dask", "ray")
 
@@ -149,9 +150,13 @@ def batch_forecast(params_path: str = "params.yaml", overrides: list[str] | None
             "model_version": unmapped(model["version"])})
         parts = futures.result()
     rows = write_output_task(params, model["path"], parts, issue_times, model["version"], output, fmt)
+    # input drift (may start the retrain deployment: drift.retrain_on_drift) and the HTML report beside the table
+    monitoring = task(name="drift-and-report", cache_policy=NO_CACHE)(after_forecast)(
+        params, output, pipeline.forecast_input(params, input), retrain=True)
     print(f"batch forecast: {rows} rows ({len(issue_times)} issue time(s) {issue_times[0]} .. {issue_times[-1]}, "
           f"{len(ranges)} chunk(s) on {task_runner}) by {model['version']} -> {output}")
     return {"output": output, "rows": rows, "issue_times": len(issue_times), "first_issue": issue_times[0],
+            "monitoring": monitoring,
             "last_issue": issue_times[-1], "chunks": len(ranges), "model_uri": model["uri"],
             "model_version": model["version"]}
 

@@ -199,6 +199,7 @@ class MonitorConfig:
     report_sensors: int = 3      # sensors shown in the forecast report's fan chart
     report_step: int = 0         # horizon step of the report's map colour (0 = the last step)
     history_days: int = 30       # days of realised accuracy shown in the report
+    after_forecast: bool = True  # drift check + HTML report beside every batch forecast (stlink/monitoring/batch.py)
 
 
 @dataclass

@@ -229,6 +229,9 @@ def forecast_step(params: Params, *, model: str | None = None, input: str | Path
     record = forecast(m["path"], forecast_input(params, input), out, device=device or params.score.device,
                       start=start, end=end, fmt=fmt, model_version=m["version"], source=source, data_cfg=params.data,
                       validation=params.validation, **scoring_options(params, m["path"]))
+    from stlink.monitoring.batch import after_forecast
+
+    record["monitoring"] = after_forecast(params, out, forecast_input(params, input))  # drift, HTML report
     if not quiet:
         print(f"forecast: {record['rows']} rows ({record['issue_times']} issue time(s), {record['first_issue']} .. "
               f"{record['last_issue']}) on {record['provider']} -> {out}; {record['status_summary']}")

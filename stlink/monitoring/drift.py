@@ -248,7 +248,10 @@ def drift_step(params, input: str | Path | None = None, out_dir: str | Path | No
                     summary["n_drifted"], summary["n_sensors"], ", ".join(summary["drifted_sensors"][:5]),
                     summary["window"]["start"], summary["window"]["end"], summary["global"].get("pvalue"))
     if log_mlflow:
-        summary["mlflow_run_id"] = log_drift(params, summary)
+        try:
+            summary["mlflow_run_id"] = log_drift(params, summary)
+        except Exception as exc:  # noqa: BLE001 - the files are written; a tracking store down must not fail it
+            log.warning("drift not logged to MLflow: %s", exc)
     publish(summary, params.data.dataset)
     return summary
 

@@ -198,15 +198,24 @@ def report_step(params, forecast: str | Path | None = None, *, raw_dir: str | Pa
     write_text_atomic(out, page)
     log.info("forecast report -> %s", out)
     if log_mlflow:
-        from stlink.tracking import start_run, tracking_config
-
-        with start_run(tracking_config(params), run_name=f"forecast-report-{params.data.dataset}",
-                       tags={"stlink.kind": "forecast-report", "stlink.dataset": params.data.dataset}):
-            import mlflow
-
-            mlflow.log_artifact(str(out), "report")
+        try:
+            log_report(params, out)
+        except Exception as exc:  # noqa: BLE001 - the page is written; a tracking store down must not fail it
+            log.warning("forecast report %s not logged to MLflow: %s", out, exc)
     _publish(out, params.data.dataset)
     return out
+
+
+def log_report(params, page: Path) -> str:
+    """An MLflow run ``forecast-report-<dataset>`` holding the page (artifact ``report/``)."""
+    import mlflow
+
+    from stlink.tracking import start_run, tracking_config
+
+    with start_run(tracking_config(params), run_name=f"forecast-report-{params.data.dataset}",
+                   tags={"stlink.kind": "forecast-report", "stlink.dataset": params.data.dataset}) as run:
+        mlflow.log_artifact(str(page), "report")
+        return run.info.run_id
 
 
 def _publish(path: Path, dataset: str) -> None:
