@@ -3,6 +3,7 @@
 One tiny project in a temp dir runs the real steps (stlink.pipeline: ingest, prepare, train,
 evaluate, export, forecast, monitor) with a real MLflow store (SQLite) under it.
 """
+import json
 import os
 import shutil
 
@@ -84,8 +85,6 @@ def test_monitor_scores_day_D_forecast_against_day_D_plus_1(project):
     mae = (j["value"] - j["speed"]).abs().groupby(j["horizon_step"]).mean()
     np.testing.assert_allclose(hist.set_index("horizon_step")["mae"].sort_index(), mae.sort_index(), rtol=1e-5)
     # the champion's reference MAE comes from the registered version's MLflow run
-    import json
-
     test_mae = json.loads((root / params.report_dir / "metrics" / "test.json").read_text())["model"]["mae"]
     assert res["days"][0]["reference_mae"] == pytest.approx(test_mae)
     assert res["days"][0]["model_version"] == f"stlink-{DATASET}/1"
@@ -93,9 +92,17 @@ def test_monitor_scores_day_D_forecast_against_day_D_plus_1(project):
 
     run = MlflowClient().get_run(res["mlflow_run_id"])
     assert run.data.metrics["realised.mae"] == pytest.approx(res["days"][0]["mae"])
-    # interval coverage per day when the forecast carries intervals
-    if interval_keys(list(forecast.columns)):
-        assert {"coverage_80", "coverage_95"} <= set(hist.columns)
+    # the exported card carried the calibration: the forecast has intervals, the monitor their coverage
+    assert interval_keys(list(forecast.columns)) == ["80", "95"]
+    assert ((forecast["lower_95"] <= forecast["lower_80"]) & (forecast["lower_80"] <= forecast["value"])).all()
+    assert hist["coverage_95"].between(0, 1).all() and (hist["coverage_95"] >= hist["coverage_80"]).all()
+
+
+def test_the_forecast_step_wrote_drift_and_report_beside_the_table(project):
+    root, params = project
+    assert (root / params.report_dir / "forecast.html").is_file()
+    drift = json.loads((root / params.report_dir / "drift" / "drift.json").read_text())
+    assert drift["n_sensors"] == 4 and drift["window"]["steps"] == 48
 
 
 def test_monitor_flags_and_replaces_rather_than_duplicates(project):
