@@ -53,6 +53,9 @@ def project(tmp_path_factory):
         pipeline.export_step(params)
         pipeline.forecast_step(params, model=f"models:/stlink-{DATASET}/1", device="cpu")
         pipeline.ingest_step(params)                 # live: one more simulated day (D+1)
+        # the next scheduled forecast reads the new readings (raw folder, as the batch flow can)
+        pipeline.forecast_step(params, model=f"models:/stlink-{DATASET}/1", device="cpu", input=params.raw_dir,
+                               output=params.report_dir / "forecast_next.parquet")
         yield root, params
     finally:
         os.chdir(cwd)
@@ -103,6 +106,16 @@ def test_the_forecast_step_wrote_drift_and_report_beside_the_table(project):
     assert (root / params.report_dir / "forecast.html").is_file()
     drift = json.loads((root / params.report_dir / "drift" / "drift.json").read_text())
     assert drift["n_sensors"] == 4 and drift["window"]["steps"] == 48
+
+
+def test_next_forecast_covers_the_new_issue_time_and_is_archived_unscored(project):
+    root, params = project
+    os.chdir(root)
+    nxt = pd.read_parquet(root / params.report_dir / "forecast_next.parquet")
+    assert nxt["issued_at"].max() == pd.Timestamp("2024-01-09 23:30")
+    res = monitor(params, forecasts=[root / params.report_dir / "forecast_next.parquet"], log_mlflow=False)
+    assert res["forecasts_archived"] == 2                        # day D's and D+1's issue times
+    assert [d["day"] for d in res["days"]] == ["2024-01-09"]     # D+1's targets have no actuals yet
 
 
 def test_monitor_flags_and_replaces_rather_than_duplicates(project):
