@@ -129,6 +129,7 @@ def accuracy_figure(history: pd.DataFrame, days: int):
                 fig.add_hline(y=float(ref.iloc[0]), line_dash="dot", row=1, col=1)
         for c in cov:
             fig.add_trace(go.Scatter(x=g["day"], y=g[c], mode="lines+markers", name=f"{v} {c}"), 2, 1)
+    fig.update_xaxes(type="category")                 # one point per day, however few days
     fig.update_layout(height=500)
     return fig
 
