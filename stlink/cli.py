@@ -58,7 +58,11 @@ def cmd_backbone(params: Params, args: argparse.Namespace) -> None:
 
 
 def cmd_train(params: Params, args: argparse.Namespace) -> None:
-    summary = pipeline.train_step(params, resume=args.resume)
+    summary = pipeline.train_step(params, resume=args.resume, replace_best=args.replace_best)
+    if not summary.get("best_replaced", True):
+        print(f"trained, but kept {params.model_dir}/best.pt (val MAE {summary.get('previous_best_val_mae')}): this "
+              f"run's best val MAE {summary.get('best_val_mae')} is worse; it is in run_best.pt (--replace-best)")
+        return
     print(f"trained -> {params.model_dir} (best val MAE {summary.get('best_val_mae')}, "
           f"MLflow run {summary.get('mlflow_run_id')})")
 
@@ -126,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="models/backbones/smollm2", help="output directory")
     p = add("train", cmd_train, "LoRA fine-tune ST-LINK on data/processed/<dataset>/ into models/<dataset>/")
     p.add_argument("--resume", action="store_true", help="continue from models/<dataset>/last.pt")
+    p.add_argument("--replace-best", action="store_true", help="replace models/<dataset>/best.pt with this run's best "
+                   "even when it is worse than the one already there (default: keep the better one)")
     add("evaluate", cmd_evaluate, "masked metrics of the model and the naive baselines, plots, "
         "into reports/<dataset>/")
     add("export", cmd_export, "merge LoRA and export models/<dataset>/ to ONNX in models/exported/<dataset>/ "

@@ -60,21 +60,30 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def train_step(params: Params, resume: bool = True) -> dict[str, Any]:
+def train_step(params: Params, resume: bool = True, replace_best: bool = False) -> dict[str, Any]:
     """LoRA fine-tuning into ``models/<dataset>/``, then an MLflow run with params, per-epoch
-    metrics, environment and the merged model (main process only)."""
+    metrics, environment and the merged model (main process only).
+
+    The folder is locked for the whole step (``stlink.locks``): a second training of the same
+    dataset is refused, so the MLflow run is always tagged with its own model.  When this run's
+    best is worse than the ``best.pt`` already there it is kept aside (``run_best.pt``), ``best.pt``
+    stays, and no run is logged (``replace_best=True`` replaces it anyway)."""
+    import contextlib
+
+    from stlink.locks import folder_lock
     from stlink.training.reference import train_reference
     from stlink.training.train import train
 
     start = time.perf_counter()
-    summary = train(params, out_dir=params.model_dir, resume=resume)
-    reference = train_reference(params, params.model_dir, resume=resume)
-    if reference is not None:
-        summary["reference"] = {k: v for k, v in reference.items() if k != "history"}
-    if _is_main_process():
-        from stlink.tracking import track_train_step
+    with folder_lock(params.model_dir) if _is_main_process() else contextlib.nullcontext():
+        summary = train(params, out_dir=params.model_dir, resume=resume, replace_best=replace_best)
+        reference = train_reference(params, params.model_dir, resume=resume)
+        if reference is not None:
+            summary["reference"] = {k: v for k, v in reference.items() if k != "history"}
+        if _is_main_process() and summary.get("best_replaced", True):
+            from stlink.tracking import track_train_step
 
-        summary["mlflow_run_id"] = track_train_step(params, summary, wall_time_s=time.perf_counter() - start)
+            summary["mlflow_run_id"] = track_train_step(params, summary, wall_time_s=time.perf_counter() - start)
     return summary
 
 
@@ -143,6 +152,9 @@ def export_step(params: Params) -> dict[str, Any]:
                 register_export_step(params, onnx_path)
             raise
         mv = register_export_step(params, onnx_path)
+        from stlink.export.optimize import log_variants
+
+        log_variants(mv, onnx_path, record.get("variants") or {})  # opt/int8/fp16 files and gate tags on the version
     record["registered_version"] = str(mv.version)
     aliases = list(getattr(mv, "aliases", []) or [])
     record["registered_alias"] = "champion (unchanged)" if "champion" in aliases else (
@@ -223,6 +235,9 @@ def forecast_step(params: Params, *, model: str | None = None, input: str | Path
     structurally wrong.  The output location is checked before the model is even resolved."""
     from stlink.scoring import check_output_location, forecast
 
+    from stlink.scoring import parse_time
+
+    parse_time(start, "start"), parse_time(end, "end")  # a typo fails before the model is fetched
     fmt = fmt or params.score.format
     out = check_output_location(forecast_output(params, output, fmt), fmt)
     m = score_model_step(params, model)

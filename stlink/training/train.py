@@ -49,14 +49,14 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, Subset
-from stlink.progress import progress
-from stlink.progress import write as progress_write
 
 from stlink.config import ConfigError, Params, to_dict
 from stlink.data.formats import DataError, load_processed
 from stlink.data.windows import WindowDataset
 from stlink.io import write_json
 from stlink.model.lora import trainable_parameters
+from stlink.progress import progress
+from stlink.progress import write as progress_write
 from stlink.training.checkpoint import (DEFAULT_CACHE_DIR, build_inputs, build_model,
                                         data_checksum, frozen_fingerprint, load_checkpoint,
                                         load_trainable_state, model_payload, rng_state, save_checkpoint,
@@ -273,14 +273,44 @@ def _update_state(state: dict[str, Any], epoch: int, val_mae: float | None, pati
     return improved
 
 
+RUN_BEST = "run_best.pt"  # the best epoch of the current run, until the run completes (defect 6 of issue 9)
+
+
+def _keep_or_replace_best(out_dir: Path, checksum: str, force: bool) -> dict[str, Any]:
+    """At the end of a complete run: copy ``run_best.pt`` over ``best.pt`` when there is no best.pt, it was
+    trained on other data, this run is at least as good (val MAE), or ``force``; else keep best.pt.
+
+    Returns ``best_replaced`` and ``previous_best_val_mae`` for the summary."""
+    import shutil
+
+    from stlink.io import atomic_path
+
+    best, candidate = out_dir / "best.pt", out_dir / RUN_BEST
+    new = load_checkpoint(candidate)
+    old = load_checkpoint(best) if best.exists() else None
+    old_val = None if old is None or old.get("data_sha256") != checksum else old.get("val_mae")
+    replace = (force or old_val is None or not math.isfinite(old_val)
+               or (new.get("val_mae") is not None and new["val_mae"] <= old_val))
+    if replace:
+        with atomic_path(best, ".pt") as tmp:
+            shutil.copyfile(candidate, tmp)
+    else:
+        log.warning("kept %s (val MAE %.4f): this run's best val MAE %.4f is worse; its model stays in %s "
+                    "(`stlink train --replace-best` to use it anyway)", best, old_val, new["val_mae"], candidate)
+    return {"best_replaced": bool(replace), "previous_best_val_mae": old_val}
+
+
 def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = False, *,
           data_dir: Path | None = None, cache_dir: Path = DEFAULT_CACHE_DIR,
-          on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+          on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+          replace_best: bool = False) -> dict[str, Any]:
     """Train on ``data_dir`` (default ``params.processed_dir``) into ``out_dir``; returns the summary.
 
     ``resume=True`` continues from ``out_dir/last.pt`` when it holds a run of the same data and
     params (a finished run then returns at once); otherwise, or without ``resume``, training
-    starts fresh and the previous run's checkpoints are removed.  ``on_epoch_end(epoch, record)`` is
+    starts fresh.  The previous ``last.pt`` is replaced only by this run's first complete epoch; this
+    run's best epoch goes to ``run_best.pt`` and replaces ``best.pt`` at the end only when it is at
+    least as good on the same data, or ``replace_best`` (summary: ``best_replaced``).  ``on_epoch_end(epoch, record)`` is
     called after each epoch's files are written (epoch 1-based).
     The summary (also ``out_dir/train_metrics.json``): best_val_mae, best_epoch, epochs_run,
     stopped_early, seconds_per_epoch, samples_per_s, trainable_params, total_params,
@@ -333,8 +363,8 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
     else:
         if resume:
             log.warning("not resuming %s: %s; training from scratch", last_path, mismatch or "no checkpoint")
-        if main:  # a fresh run: the previous best.pt and its config stay until this run has a best epoch
-            last_path.unlink(missing_ok=True)
+        # a fresh run: the previous best.pt and last.pt stay until this run has complete replacements
+        # (last.pt after its first epoch; best.pt at its end, see _keep_or_replace_best)
 
     for epoch in range(state["epoch"], tc.epochs):
         if state["stopped"] or scheduler.last_epoch >= total_steps:
@@ -351,11 +381,8 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
         if main:
             payload = model_payload(accelerator.unwrap_model(model), inputs, fingerprint)
             payload.update(data_sha256=checksum, params=to_dict(params))
-            if improved:
-                save_checkpoint({**payload, "epoch": epoch + 1, "val_mae": val["mae"]}, out_dir / "best.pt")
-                write_json(out_dir / "config.json", to_dict(params))
-                write_json(out_dir / "data_meta.json", {**data.meta, "sensor_ids": list(data.sensor_ids),
-                                                        "data_sha256": checksum})
+            if improved:  # this run's best so far; it becomes best.pt only when the run completes
+                save_checkpoint({**payload, "epoch": epoch + 1, "val_mae": val["mae"]}, out_dir / RUN_BEST)
             save_checkpoint({**payload, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "state": dict(state), "history": history, "rng": rng_state()}, last_path)
             write_json(out_dir / "train_metrics.json", _summary(history, state, extra))
@@ -370,6 +397,12 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
 
     if state["best"] is None:
         raise DataError("training never produced a finite validation MAE (diverged or no valid target)")
+    if main:
+        extra.update(_keep_or_replace_best(out_dir, checksum, replace_best))
+        if extra["best_replaced"]:
+            write_json(out_dir / "config.json", to_dict(params))
+            write_json(out_dir / "data_meta.json", {**data.meta, "sensor_ids": list(data.sensor_ids),
+                                                    "data_sha256": checksum})
     summary = _summary(history, state, extra)
     if main:
         write_json(out_dir / "train_metrics.json", summary)
