@@ -26,10 +26,26 @@ def after_forecast(params, output: str | Path, input: str | Path | None = None, 
     if not params.monitor.after_forecast:
         return {"drifted": None, "drift": None, "report": None}
     drift = None
+    tracked = store_exists(params)
     try:
-        drift = drift_check(params, input) if retrain else drift_step(params, input)
+        check = drift_check if retrain else drift_step
+        drift = check(params, input, log_mlflow=tracked)
     except MonitoringError as exc:
         log.warning("drift check skipped: %s", exc)
-    report = report_step(params, output, drift=drift)
+    report = report_step(params, output, drift=drift, log_mlflow=tracked)
     return {"drifted": None if drift is None else drift["drifted"],
             "drift": None if drift is None else drift["paths"]["json"], "report": str(report)}
+
+
+def store_exists(params) -> bool:
+    """Log drift and report runs only to an MLflow store that exists (a server, or a SQLite file the
+    training steps created): scoring somewhere without the project's store must not create one."""
+    from stlink.tracking import tracking_config, tracking_uri
+
+    uri = tracking_uri(tracking_config(params))
+    if uri.startswith("sqlite:///"):
+        found = Path(uri[len("sqlite:///"):]).is_file()
+        if not found:
+            log.info("no MLflow store at %s: drift and report not logged", uri)
+        return found
+    return True

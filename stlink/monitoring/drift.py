@@ -273,8 +273,8 @@ def trigger_retrain(params, summary: dict[str, Any]) -> str | None:
     return str(run.id)
 
 
-def drift_check(params, input: str | Path | None = None) -> dict[str, Any]:
+def drift_check(params, input: str | Path | None = None, *, log_mlflow: bool = True) -> dict[str, Any]:
     """The batch-forecast flow's drift step: ``drift_step`` then ``trigger_retrain``."""
-    summary = drift_step(params, input)
+    summary = drift_step(params, input, log_mlflow=log_mlflow)
     summary["retrain_flow_run"] = trigger_retrain(params, summary)
     return summary
