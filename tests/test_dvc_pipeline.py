@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -50,18 +52,19 @@ def set_param(d, section, key, value):
 
 def test_repro_then_up_to_date_then_selective(repo):
     d, env = repo
-    assert stages_run(d, env, "repro", "prepare") == ["ingest", "validate", "prepare"]
+    assert stages_run(d, env, "repro", "prepare") == ["source", "ingest", "validate", "prepare"]
     assert (d / "data/processed/synthetic/values.npy").exists()
     assert (d / "reports/synthetic/validation/raw.json").exists()
     assert (d / "dvc.lock").exists()
-    assert "up to date" in run(["dvc", "status", "prepare"], d, env).stdout.lower()
-    assert stages_run(d, env, "repro", "prepare") == []
+    status = run(["dvc", "status", "prepare"], d, env).stdout
+    assert "source:" in status and "ingest:" not in status and "prepare:" not in status   # only `source` always runs
+    assert stages_run(d, env, "repro", "prepare") == ["source"]
     # a prepare-only param re-runs prepare only
     set_param(d, "prepare", "input_len", 6)
-    assert stages_run(d, env, "repro", "prepare") == ["prepare"]
-    # a validation param re-runs validate, never ingest
+    assert stages_run(d, env, "repro", "prepare") == ["source", "prepare"]
+    # a validation param re-runs validate (and prepare, which reads it too), never ingest
     set_param(d, "validation", "max_missing_fraction", 0.45)
-    assert stages_run(d, env, "repro", "prepare")[0] == "validate"
+    assert stages_run(d, env, "repro", "prepare")[:2] == ["source", "validate"]
 
 
 def test_exp_run_set_param_switches_without_code_change(repo):
@@ -69,5 +72,53 @@ def test_exp_run_set_param_switches_without_code_change(repo):
     run(["git", "add", "-A"], d, env)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "pipeline"], d, env)
     ran = stages_run(d, env, "exp", "run", "prepare", "-S", "data.synthetic.seed=7")
-    assert ran[0] == "ingest"
+    assert ran[:2] == ["source", "ingest"]
     assert yaml.safe_load((d / "params.yaml").read_text())["data"]["synthetic"]["seed"] == 7
+
+
+# --- a replaced source file re-runs ingest (never stale) -----------------------------------------
+
+def byo_readings(seed: int) -> pd.DataFrame:
+    ts = pd.date_range("2024-05-06", periods=4 * 24 * 12, freq="5min")            # 4 days
+    long = pd.MultiIndex.from_product([ts, ["A1", "B7", "C3"]], names=["timestamp", "sensor_id"]).to_frame(index=False)
+    long["speed"] = np.random.default_rng(seed).uniform(30, 70, len(long)).round(2)
+    return long
+
+
+@pytest.fixture(scope="module")
+def byo_repo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dvcbyo")
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, d / name)
+    shutil.copytree(ROOT / "stlink", d / "stlink", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "validation", d / "validation")
+    params = yaml.safe_load((d / "params.yaml").read_text())
+    params["data"].update(dataset="city", source="byo", path="city_src")
+    params["validation"]["data_docs"] = False
+    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (d / "city_src").mkdir()
+    byo_readings(0).to_csv(d / "city_src" / "readings.csv", index=False)
+    pd.DataFrame({"sensor_id": ["A1", "B7", "C3"]}).to_csv(d / "city_src" / "sensors.csv", index=False)
+    env = dict(os.environ, DVC_NO_ANALYTICS="1",
+               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    run(["git", "init", "-q"], d, env)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], d, env)
+    run(["dvc", "init", "-q"], d, env)
+    return d, env
+
+
+def test_a_replaced_source_file_re_runs_ingest_and_only_then(byo_repo):
+    """The probe: readings.csv replaced in data.path, `dvc exp run` said "Stage 'ingest' didn't
+    change, skipping" and validated the old data."""
+    d, env = byo_repo
+    assert stages_run(d, env, "repro", "validate") == ["source", "ingest", "validate"]
+    first = pd.read_parquet(d / "data/raw/city/readings.parquet")
+    assert stages_run(d, env, "repro", "validate") == ["source"]        # hashed again, nothing changed
+    os.utime(d / "city_src" / "readings.csv")                              # touched, same content
+    assert stages_run(d, env, "repro", "validate") == ["source"]
+    byo_readings(1).to_csv(d / "city_src" / "readings.csv", index=False)   # replaced: new content
+    assert stages_run(d, env, "repro", "validate") == ["source", "ingest", "validate"]
+    second = pd.read_parquet(d / "data/raw/city/readings.parquet")
+    assert not np.allclose(first["speed"], second["speed"])
+    np.testing.assert_allclose(second["speed"], byo_readings(1)["speed"])
+    assert stages_run(d, env, "repro", "validate") == ["source"]

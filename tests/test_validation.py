@@ -273,6 +273,7 @@ def test_sparse_sensors_drop_removes_them_and_their_edges_with_a_warning(good_ra
     assert report["parameters"]["sensor_ids"] == ["s0", "s2"]
     assert report["suites"]["raw_edges"]["rows"] == 0                  # s0->s1, s1->s2, s2->s3 all touch them
     assert json.loads((tmp_path / "raw.json").read_text())["dropped_sensors"] == report["dropped_sensors"]
+    assert (tmp_path / "raw_docs" / "README.txt").exists()   # a DVC output of `validate`, also without Data Docs
 
 
 def test_when_every_sensor_is_sparse_nothing_is_dropped_and_the_run_fails(good_raw):

@@ -157,10 +157,14 @@ def run_suites(name: str, prefix: str, tables: Tables, parameters: dict[str, Any
         for suite in suites:
             report["suites"][suite["name"]] = run_suite(gx, suite, tables, report["suites"], parameters, cfg)
         report["success"] = all(s["success"] is not False for s in report["suites"].values())
-        if report_dir is not None and cfg.data_docs:
+        if report_dir is not None:
             docs = Path(report_dir) / (f"{name}_docs" if report["success"] else f"{name}.failed_docs")
             with atomic_dir(docs) as tmp:
-                gx.build_docs(tmp)
+                if cfg.data_docs:
+                    gx.build_docs(tmp)
+                else:  # the folder is a DVC output of `validate`: it must exist either way
+                    (tmp / "README.txt").write_text("Data Docs not built (validation.data_docs: false); "
+                                                    f"the report is {name}.json\n")
     write_report(report, report_dir)
     return report
 
