@@ -143,3 +143,17 @@ def test_export_step_from_a_model_directory(setup, tmp_path):
     with torch.no_grad():
         ref = model(*args).numpy()
     np.testing.assert_allclose(run_ort(model_dir / "model.onnx", args), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_stid_reference_exports_with_parity(tmp_path):
+    """model.arch=stid goes through the same export (a production choice, docs/method.md)."""
+    from stlink.config import ModelConfig
+    from stlink.model import build_forecaster
+
+    torch.manual_seed(0)
+    stid = build_forecaster(ModelConfig(arch="stid", stid_dim=8, stid_layers=2), n_sensors=N, n_channels=1,
+                            input_len=L, output_len=12, steps_per_day=48, adjacency=np.eye(N, dtype=np.float32),
+                            scaler_mean=[50.0], scaler_std=[10.0], memory_keys=None).eval()
+    rec = export_onnx(stid, tmp_path / "stid.onnx", n_sensors=N, input_len=L, n_channels=1)
+    assert rec["passed"] is True and rec["max_abs_diff"] < 1e-4
+    assert read_card(tmp_path / "stid.onnx").steps_per_day == 48

@@ -216,7 +216,8 @@ def _card_meta(meta: Mapping[str, Any] | None, model: nn.Module, n_sensors: int,
     """The data description written to the sidecar; defaults come from the model itself."""
     meta = dict(meta or {})
     embed = getattr(model, "embed", None)
-    steps_per_day = int(meta.get("steps_per_day") or getattr(embed, "steps_per_day", 288))
+    steps_per_day = int(meta.get("steps_per_day") or getattr(embed, "steps_per_day", None)
+                        or getattr(model, "steps_per_day", 288))  # ST-LINK: embed.steps_per_day; STID: its own
     if 86400 % steps_per_day:
         raise ExportError(f"steps_per_day={steps_per_day} does not divide a day into whole seconds")
     freq_seconds = int(meta.get("freq_seconds") or 86400 // steps_per_day)

@@ -98,6 +98,7 @@ class PatchEmbedding(nn.Module):
                  time_of_day: str = "fourier", day_of_week: str = "weekday_weekend"):
         super().__init__()
         self.patch_len = patch_len
+        self.steps_per_day = steps_per_day
         self.value = nn.Linear(patch_len * (n_channels + 1), hidden)
         nn.init.normal_(self.value.weight, std=init_std)
         nn.init.zeros_(self.value.bias)
