@@ -74,6 +74,17 @@ def run_one(dataset: str, variant: str, extra: list[str], work: Path, tag: str =
             "wall_s": time.perf_counter() - t0, "test": metrics["test"], "val": metrics["val"]}
 
 
+def collect_one(folder: Path, variant: str, seed: int) -> dict | None:
+    """The result record of a finished run folder (train_metrics.json + metrics), or None."""
+    try:
+        summary = json.loads((folder / "model" / "train_metrics.json").read_text())
+        test = json.loads((folder / "reports" / "metrics" / "test.json").read_text())
+        val = json.loads((folder / "reports" / "metrics" / "val.json").read_text())
+    except FileNotFoundError:
+        return None
+    return {"variant": variant, "seed": seed, "train": summary, "test": test, "val": val}
+
+
 def _stat(values: list[float], fmt: str = "{:.3f}") -> str:
     """mean ± std (sample std over seeds) or the single value."""
     v = [x for x in values if x is not None]
@@ -160,6 +171,8 @@ def main() -> int:
     ap.add_argument("-S", "--set", action="append", default=[], help="extra param overrides")
     ap.add_argument("--tag", default="", help="suffix of the result files (bench/results/<dataset><tag>.md)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
+    ap.add_argument("--collect", action="store_true",
+                    help="do not train: build the tables from finished runs under bench/work (resumable benchmarks)")
     args = ap.parse_args()
     work = ROOT / "bench" / "work" / args.dataset
     if args.one:
@@ -172,7 +185,13 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     partial = out / f"{args.dataset}{args.tag}.jsonl"  # one line per finished run: a killed benchmark keeps them
     results = []
-    for seed in args.seeds.split(","):
+    if args.collect:
+        results = [r for seed in args.seeds.split(",") for variant in args.variants.split(",")
+                   if (r := collect_one(work / f"{variant}{args.tag}-s{seed}", variant, int(seed))) is not None]
+        if not results:
+            print(f"no finished run under {work} for tag {args.tag!r}", file=sys.stderr)
+            return 1
+    for seed in [] if args.collect else args.seeds.split(","):
         for variant in args.variants.split(","):
             tag = f"{args.tag}-s{seed}"
             cmd = [sys.executable, __file__, "--dataset", args.dataset, "--one", variant, f"--tag={tag}"]
