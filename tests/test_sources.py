@@ -415,3 +415,12 @@ def test_load_source_downloads_from_url(tmp_path):
 def test_load_source_url_needs_checksums(tmp_path):
     with pytest.raises(DataError, match="data.sha256"):
         load_source(DataConfig(source="byo", path=str(tmp_path), url="http://127.0.0.1:9/"))
+
+
+def test_byo_sensors_without_coordinates(tmp_path):
+    """The probe: a sensors.csv with only sensor_id was refused (missing column(s) ['lat', 'lon'])."""
+    long = byo_long(TS, ["s1", "s2"])
+    path = write_byo(tmp_path, long.drop(index=[3, 5]), sensors=pd.DataFrame({"sensor_id": ["s2", "s1"]}))
+    raw = load_byo(path, tmp_path / "sensors.csv", None, ["speed"], 0.0)
+    assert raw.sensor_ids == ["s2", "s1"] and raw.sensors[["lat", "lon"]].isna().all().all()
+    assert len(raw.readings) == len(long) - 2                      # absent rows stay absent (missing readings)
