@@ -172,7 +172,7 @@ def test_batch_forecast_scores_issue_time_chunks_with_the_champion(project, cham
     result = state.result()
     runs = [r.name.rsplit("-", 1)[0] for r in task_runs(state.state_details.flow_run_id)]
     assert sorted(runs) == sorted(["load-model", "validate-input", "forecast-chunk", "forecast-chunk",
-                                   "forecast-chunk", "write-output"])
+                                   "forecast-chunk", "write-output", "drift-and-report"])
     df = pd.read_parquet(out)
     issued = sorted(pd.DatetimeIndex(df["issued_at"].unique()))
     assert issued == list(pd.date_range("2024-01-08 20:30", "2024-01-08 23:30", freq="30min"))
@@ -180,7 +180,10 @@ def test_batch_forecast_scores_issue_time_chunks_with_the_champion(project, cham
     assert not df.duplicated(["sensor_id", "issued_at", "horizon_step"]).any()
     assert set(df["model_version"]) == {f"{MODEL}/{champion}"} == {result["model_version"]}
     assert result["model_uri"] == f"models:/{MODEL}@champion" and result["chunks"] == 3
-    assert sorted(p.name for p in out.parent.iterdir()) == ["forecast.parquet"]  # no temporary file left
+    # the report beside the table (stlink.monitoring); no temporary file left
+    assert sorted(p.name for p in out.parent.iterdir()) == ["forecast.html", "forecast.parquet"]
+    assert result["monitoring"]["report"] == str(out.with_suffix(".html"))
+    assert isinstance(result["monitoring"]["drifted"], bool)                     # the drift check ran
 
 
 def test_deployments_carry_the_intended_schedules(monkeypatch):
