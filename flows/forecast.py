@@ -6,9 +6,9 @@ Each task calls one ``stlink.pipeline`` step (the same checks, rows and writer a
 at the end; the chunks run on the task runner named by the ``task_runner`` parameter:
 
     threads[:<workers>]   local threads (default)
-    dask[:<address>]      ``prefect_dask.DaskTaskRunner`` (``pip install prefect-dask``); no address: a local
-                          cluster, else the scheduler at e.g. ``tcp://10.0.0.5:8786``
-    ray[:<address>]       ``prefect_ray.RayTaskRunner`` (``pip install prefect-ray``), e.g. ``ray://head:10001``
+    dask[:<workers>]      ``prefect_dask.DaskTaskRunner`` on a ``distributed.LocalCluster`` of single-threaded
+                          worker processes on 127.0.0.1 (default 2 workers)
+    dask:<address>        the workers of an existing Dask scheduler, e.g. ``tcp://10.0.0.5:8786``
 
 Distributed workers must see the model file (the registry cache, ``mlruns/registry-cache``) and the
 input at the same paths (a shared file system); each chunk's forecasts travel back as a table and only
@@ -36,28 +36,35 @@ from stlink.errors import ConfigError
 from stlink.errors import DataError
 from stlink.monitoring.batch import after_forecast
 
-RUNNERS = ("threads", "dask", "ray")
+RUNNERS = ("threads", "dask")
+DASK_LOCAL_WORKERS = 2
 
 
 def make_task_runner(spec: str) -> TaskRunner:
-    """``threads[:n]`` | ``dask[:address]`` | ``ray[:address]`` -> a Prefect task runner (see module doc)."""
+    """``threads[:n]`` | ``dask`` | ``dask:<n workers>`` | ``dask:<scheduler address>`` -> a Prefect task runner.
+
+    ``dask`` / ``dask:<n>``: a ``distributed.LocalCluster`` of ``n`` single-threaded worker processes
+    (default 2) on 127.0.0.1 only, no dashboard, closed with the flow.  ``dask:tcp://host:8786``: the
+    workers of an existing scheduler (they must see the model file and the input at the same paths)."""
     kind, _, arg = spec.partition(":")
     if kind == "threads":
         if arg and not arg.isdigit():
             raise ConfigError(f"task_runner={spec!r}: threads:<number of workers>")
         return ThreadPoolTaskRunner(max_workers=int(arg) if arg else None)
     if kind not in RUNNERS:
-        raise ConfigError(f"task_runner={spec!r}: one of threads[:n], dask[:address], ray[:address]")
+        raise ConfigError(f"task_runner={spec!r}: one of threads[:n], dask, dask:<n workers>, dask:<address>")
     try:
-        if kind == "dask":
-            from prefect_dask import DaskTaskRunner
-
-            return DaskTaskRunner(address=arg) if arg else DaskTaskRunner()
-        from prefect_ray import RayTaskRunner
-
-        return RayTaskRunner(address=arg) if arg else RayTaskRunner()
+        from prefect_dask import DaskTaskRunner
     except ImportError:
-        raise ConfigError(f"task_runner={spec!r} needs prefect-{kind}: pip install prefect-{kind}") from None
+        raise ConfigError(f"task_runner={spec!r} needs prefect-dask: pip install prefect-dask distributed") from None
+    if arg and not arg.isdigit():
+        return DaskTaskRunner(address=arg)
+    workers = int(arg) if arg else DASK_LOCAL_WORKERS
+    if workers < 1:
+        raise ConfigError(f"task_runner={spec!r}: at least one Dask worker")
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                          cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "host": "127.0.0.1", "dashboard_address": None})
 
 
 def split_issue_times(issue_times: list[str], chunks: int) -> list[tuple[str, str]]:
@@ -175,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--end", default=None)
     parser.add_argument("--format", dest="fmt", default=None, choices=("parquet", "csv"), help="default: score.format")
     parser.add_argument("--chunks", type=int, default=4)
-    parser.add_argument("--task-runner", default="threads", help="threads[:n] | dask[:address] | ray[:address]")
+    parser.add_argument("--task-runner", default="threads", help="threads[:n] | dask[:n] | dask:<scheduler address>")
     args = parser.parse_args(argv)
     result = batch_forecast(params_path=args.params, overrides=args.set or None, model_uri=args.model,
                             input=args.input, output=args.output, device=args.device, start=args.start,

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"batch forecast interval (default {DEFAULT_EVERY_MINUTES:g})")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--no-dvc", action="store_true", help="retrain with direct stlink calls, not `dvc repro`")
-    parser.add_argument("--task-runner", default="threads", help="threads[:n] | dask[:address] | ray[:address]")
+    parser.add_argument("--task-runner", default="threads", help="threads[:n] | dask[:n] | dask:<scheduler address>")
     args = parser.parse_args(argv)
     serve(*deployments(cron=args.cron, timezone=args.timezone, every_minutes=args.every_minutes,
                        params_path=args.params, use_dvc=not args.no_dvc, task_runner=args.task_runner))

@@ -83,7 +83,7 @@ def cmd_export(params: Params, args: argparse.Namespace) -> None:
 
 def cmd_forecast(params: Params, args: argparse.Namespace) -> None:
     pipeline.forecast_step(params, model=args.model, input=args.input, output=args.output, device=args.device,
-                           start=args.start, end=args.end, fmt=args.format, source=args.source)
+                           start=args.start, end=args.end, fmt=args.format, source=args.source, resume=args.resume)
 
 
 def cmd_promote(params: Params, args: argparse.Namespace) -> None:
@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", default=None, help="backfill: first issue time")
     p.add_argument("--end", default=None, help="backfill: last issue time (default: the last timestamp)")
     p.add_argument("--format", choices=["parquet", "csv"], default=None, help="default: score.format")
+    p.add_argument("--resume", action="store_true", help="backfill: keep finished chunks beside the output and, "
+                   "after a kill, continue from them (same model, input and range)")
     p = add("promote", cmd_promote, "gate the challenger of the registered model stlink-<dataset> (val MAE vs "
             "champion and best baseline, ONNX parity, output validation); champion moves only when every gate passes")
     g = p.add_mutually_exclusive_group()

@@ -317,7 +317,8 @@ CHOICES: dict[str, tuple[str, ...]] = {  # params whose value is one of a few wo
 def check_params(params: Params) -> Params:
     """Values that fit the types but not the pipeline, refused when the params are read (one line each).
 
-    Positive sizes and rates, choices (``CHOICES``), and ``model.patch_len`` dividing
+    Positive sizes, non-negative rates and counts (``train.lr=0`` freezes the weights: a valid
+    control run), choices (``CHOICES``), and ``model.patch_len`` dividing
     ``prepare.input_len`` (the model cuts the input window into whole patches).
     """
     def get(key: str) -> Any:
@@ -333,10 +334,7 @@ def check_params(params: Params) -> Params:
                 "evaluate.batch_size"):
         if get(key) < 1:
             raise ConfigError(f"{key}={get(key)!r}: must be at least 1")
-    for key in ("train.lr",):
-        if not get(key) > 0:
-            raise ConfigError(f"{key}={get(key)!r}: must be > 0")
-    for key in ("train.epochs", "train.weight_decay", "train.warmup_steps", "train.patience"):
+    for key in ("train.lr", "train.epochs", "train.weight_decay", "train.warmup_steps", "train.patience"):
         if get(key) < 0:
             raise ConfigError(f"{key}={get(key)!r}: must be >= 0")
     if params.prepare.input_len % params.model.patch_len:

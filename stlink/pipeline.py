@@ -227,12 +227,13 @@ def scoring_options(params: Params, model_path: str | Path) -> dict[str, Any]:
 def forecast_step(params: Params, *, model: str | None = None, input: str | Path | None = None,
                   output: str | Path | None = None, device: str | None = None, start: Any = None,
                   end: Any = None, fmt: str | None = None, source: str | None = None,
-                  quiet: bool = False) -> dict[str, Any]:
+                  quiet: bool = False, resume: bool = False) -> dict[str, Any]:
     """Batch forecasts with onnxruntime from the champion (default) or a given model; the run's record.
 
     Sensors whose input window is unusable get ``status = no_forecast`` rows with the reason
     (``stlink.scoring.status``); the step fails only when nothing can be forecast or the input is
-    structurally wrong.  The output location is checked before the model is even resolved."""
+    structurally wrong.  The output location is checked before the model is even resolved.
+    ``resume``: a backfill keeps its finished chunks and a rerun after a kill continues from them."""
     from stlink.scoring import check_output_location, forecast
 
     from stlink.scoring import parse_time
@@ -243,7 +244,7 @@ def forecast_step(params: Params, *, model: str | None = None, input: str | Path
     m = score_model_step(params, model)
     record = forecast(m["path"], forecast_input(params, input), out, device=device or params.score.device,
                       start=start, end=end, fmt=fmt, model_version=m["version"], source=source, data_cfg=params.data,
-                      validation=params.validation, **scoring_options(params, m["path"]))
+                      validation=params.validation, resume=resume, **scoring_options(params, m["path"]))
     from stlink.monitoring.batch import after_forecast
 
     record["monitoring"] = after_forecast(params, out, forecast_input(params, input))  # drift, HTML report

@@ -16,7 +16,7 @@ def run_cli(argv, capsys):
 BAD_PARAMS = {
     "model.patch_len=5": r"model.patch_len=5 must divide prepare.input_len=12",
     "train.batch_size=0": r"train.batch_size=0: must be at least 1",
-    "train.lr=-1": r"train.lr=-1.0: must be > 0",
+    "train.lr=-1": r"train.lr=-1.0: must be >= 0",
     "prepare.input_len=0": r"prepare.input_len=0: must be at least 1",
     "model.spatial_rope=diagonal": r"model.spatial_rope='diagonal': one of split, compose, off",
     "score.format=xlsx": r"score.format='xlsx': one of parquet, csv",

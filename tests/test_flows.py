@@ -186,6 +186,20 @@ def test_batch_forecast_scores_issue_time_chunks_with_the_champion(project, cham
     assert isinstance(result["monitoring"]["drifted"], bool)                     # the drift check ran
 
 
+def test_batch_forecast_on_a_dask_local_cluster_equals_the_thread_runner(project, champion, tmp_path):
+    """Issue 10 item 4: the chunks on a 2-worker LocalCluster (loopback) give the thread runner's table."""
+    pytest.importorskip("prefect_dask")
+    tables = {}
+    for runner in ("threads:2", "dask:2"):
+        out = tmp_path / runner.replace(":", "-") / "forecast.parquet"
+        state = batch_forecast(params_path="params.yaml", output=str(out), device="cpu", start="2024-01-08 21:00",
+                               chunks=2, task_runner=runner, return_state=True)
+        assert state.is_completed(), state.message
+        tables[runner] = pd.read_parquet(out)
+    assert len(tables["dask:2"]) == 6 * 4 * 12
+    pd.testing.assert_frame_equal(tables["threads:2"], tables["dask:2"])
+
+
 def test_deployments_carry_the_intended_schedules(monkeypatch):
     monkeypatch.setenv("STLINK_TZ", "Europe/Paris")
     retrain, forecast = deployments()
@@ -319,6 +333,10 @@ def test_chunks_and_task_runners():
             make_task_runner("dask:tcp://127.0.0.1:8786")
     else:
         assert type(make_task_runner("dask:tcp://127.0.0.1:8786")).__name__ == "DaskTaskRunner"
+        local = make_task_runner("dask:3")
+        assert local.cluster_kwargs["n_workers"] == 3 and local.cluster_kwargs["host"] == "127.0.0.1"
+    with pytest.raises(ConfigError, match="one of threads"):
+        make_task_runner("ray:ray://head:10001")  # not offered: untested
     with pytest.raises(ConfigError, match="one of threads"):
         make_task_runner("spark")
     assert ft.is_transient(OSError("connection reset")) and not ft.is_transient(ConfigError("bad"))

@@ -491,3 +491,48 @@ def test_gate_output_check_uses_test_split_windows_not_the_latest_window(scored,
     passed, detail = output_check_on_test_windows(scored["onnx"], broken, "v1", max_windows=5, scratch=tmp_path,
                                                   validation=strict)
     assert not passed and "no sensor can be forecast" in detail
+
+
+KILLED_BACKFILL = """
+import sys, time
+from stlink.scoring import forecast
+def hook(i, rows):
+    print("chunk", i, flush=True)
+    if i == 2:
+        time.sleep(60)
+forecast(sys.argv[1], sys.argv[2], sys.argv[3], device="cpu", start=sys.argv[4], chunk_size=4, on_chunk=hook,
+         progress=False, resume=True)
+"""
+
+
+def test_a_killed_backfill_resumes_from_its_last_chunk_without_duplicates(scored, tmp_path):
+    """Issue 10 item 5: SIGKILL midway, rerun with resume: the finished chunks are not scored again and the
+    table equals an uninterrupted run's, one row per (sensor, issue time, step)."""
+    ts = scored["data"].timestamps
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "f.parquet"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_BACKFILL, str(scored["onnx"]), str(scored["folder"]),
+                             str(out), str(ts[-30])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parent.parent)
+    try:
+        for expect in range(3):
+            line = proc.stdout.readline()
+            assert line.split() == ["chunk", str(expect)], proc.stderr.read()
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert not out.exists()
+    parts = out_dir / ".f.parquet.parts"
+    assert sorted(p.name for p in parts.glob("part-*.parquet")) == [f"part-00000{i}.parquet" for i in range(3)]
+    scored_again = []
+    rec = forecast(scored["onnx"], scored["folder"], out, device="cpu", start=str(ts[-30]), chunk_size=4,
+                   on_chunk=lambda i, rows: scored_again.append(i), progress=False, resume=True)
+    assert scored_again == list(range(3, 8))  # 30 issue times in chunks of 4: chunks 0-2 came from the parts
+    df = pd.read_parquet(out)
+    assert rec["issue_times"] == 30 and len(df) == 30 * N * H
+    assert not df.duplicated(["sensor_id", "issued_at", "horizon_step"]).any()
+    whole = tmp_path / "whole.parquet"
+    forecast(scored["onnx"], scored["folder"], whole, device="cpu", start=str(ts[-30]), chunk_size=4, progress=False)
+    pd.testing.assert_frame_equal(df, pd.read_parquet(whole))
+    assert files_in(out_dir) == ["f.parquet"]  # the parts are gone

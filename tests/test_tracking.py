@@ -242,3 +242,20 @@ def test_forecast_from_the_champion_equals_forecast_from_the_file(project, tmp_p
     cols = ["sensor_id", "issued_at", "target_time", "horizon_step", "value"]
     pd.testing.assert_frame_equal(via_registry[cols], via_file[cols])
     assert len(via_file) == 4 * 12
+
+
+def test_a_re_export_is_the_challenger_again_unless_it_is_the_champion(project):
+    """Defect 10: re-registering the same file printed "(challenger)" but set no alias."""
+    params, client, root = project["params"], project["client"], project["root"]
+    onnx_path = root / "models" / "tiny" / "model.onnx"
+    mv = register_export_step(params, onnx_path, project_dir=root)
+    for alias in ("challenger", "champion"):
+        if alias in client.get_model_version("stlink-tiny", str(mv.version)).aliases:
+            client.delete_registered_model_alias("stlink-tiny", alias)
+    again = register_export_step(params, onnx_path, project_dir=root)
+    assert str(again.version) == str(mv.version) and "challenger" in again.aliases
+    assert str(client.get_model_version_by_alias("stlink-tiny", CHALLENGER).version) == str(mv.version)
+    client.delete_registered_model_alias("stlink-tiny", CHALLENGER)
+    client.set_registered_model_alias("stlink-tiny", "champion", str(mv.version))
+    as_champion = register_export_step(params, onnx_path, project_dir=root)
+    assert "champion" in as_champion.aliases and "challenger" not in as_champion.aliases

@@ -121,7 +121,7 @@ def forecast(model: str | Path, input: str | Path, output: str | Path, *, device
              validation: ValidationConfig | None = None, gx: bool = True, chunk_size: int = 256,
              max_missing_run: int | None = None, io_binding: bool = True, progress: bool = True,
              on_chunk: Callable[[int, int], None] | None = None, session_options=None,
-             interval_bands: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+             interval_bands: dict[str, np.ndarray] | None = None, resume: bool = False) -> dict[str, Any]:
     """Score ``input`` with the ONNX ``model`` and write the forecast table to ``output``.
 
     ``start``/``end``: issue-time range (see ``issue_positions``); none = the latest window.
@@ -132,7 +132,9 @@ def forecast(model: str | Path, input: str | Path, output: str | Path, *, device
     forecast (``status = no_forecast``).  ``on_chunk(i, rows)`` is called after each chunk is written.
     ``session_options``: onnxruntime ``SessionOptions`` (threads; ``stlink.export.optimize``).
     ``interval_bands``: half-widths ``{"80": (H, N)}`` -> ``lower_80`` / ``upper_80`` columns
-    (``stlink.monitoring.intervals.interval_bands``).
+    (``stlink.monitoring.intervals.interval_bands``).  ``resume``: keep each finished chunk as a part
+    file beside the output and, when a run with the same plan was killed, skip the chunks it finished
+    (``stlink.scoring.parts``).
 
     Returns a record: output, format, rows, rows_ok, rows_no_forecast, sensors_not_forecast,
     status_summary, issue_times, first_issue, last_issue, sensors, horizon, device, provider (what
@@ -155,11 +157,25 @@ def forecast(model: str | Path, input: str | Path, output: str | Path, *, device
              ", IO binding" if runner.io_binding else "")
     version = model_version or card.default_version
     n, h, k = len(card.sensor_ids), card.output_len, len(w.issue_idx)
+    parts = None
+    if resume:
+        from stlink.io import sha256_file
+        from stlink.scoring.parts import PartStore
+
+        parts = PartStore(output, {"model_sha256": sha256_file(model), "input": str(Path(input).resolve()),
+                                   "issue_times": [ts_text(w.issue_times[0]), ts_text(w.issue_times[-1]), k],
+                                   "chunk_size": chunk_size, "model_version": version, "max_run": status.max_run,
+                                   "bounds": validation.bounds, "intervals": sorted(interval_bands or {}),
+                                   "fmt": fmt})
     with unnamed_file(output) as fh:
         bar = progress_meter(total=k * n * h, desc="rows scored", unit="rows", disable=not progress,
                        line_every=max(chunk_size * n * h, k * n * h / 20))
         with RowWriter(fh, fmt) as writer, bar:
             for i, (idx, rows_k, feed) in enumerate(batches(w, card, chunk_size, status.usable)):
+                if parts is not None and parts.has(i):
+                    writer.write(parts.read(i))  # finished by an earlier, interrupted run
+                    bar.update(len(idx) * n * h)
+                    continue
                 y = runner(feed)                                                      # (B, H, N)
                 table = forecast_rows(y, w.timestamps[idx], card.sensor_ids, card.freq, version, status.reasons(rows_k))
                 if interval_bands:
@@ -167,6 +183,8 @@ def forecast(model: str | Path, input: str | Path, output: str | Path, *, device
 
                     table = add_interval_columns(table, interval_bands, card.sensor_ids,
                                                  validation.bounds.get(card.channels[0]))
+                if parts is not None:
+                    parts.write(i, table)
                 writer.write(table)
                 bar.update(len(idx) * n * h)
                 if on_chunk is not None:
@@ -176,6 +194,8 @@ def forecast(model: str | Path, input: str | Path, output: str | Path, *, device
                                  issue_times=w.issue_times, freq=card.freq,
                                  bounds=validation.bounds.get(card.channels[0]), model_version=version,
                                  where=str(output))
+    if parts is not None:
+        parts.remove()
     seconds = time.perf_counter() - t0
     not_forecast = [s for s, ok in zip(card.sensor_ids, status.usable.all(axis=0)) if not ok]
     record = {"output": str(output), "format": fmt, "rows": writer.rows, "rows_ok": counts[OK],
