@@ -250,7 +250,9 @@ def forecast_step(params: Params, *, model: str | None = None, input: str | Path
     record["monitoring"] = after_forecast(params, out, forecast_input(params, input))  # drift, HTML report
     if not quiet:
         print(f"forecast: {record['rows']} rows ({record['issue_times']} issue time(s), {record['first_issue']} .. "
-              f"{record['last_issue']}) on {record['provider']} -> {out}; {record['status_summary']}")
+              f"{record['last_issue']}) on {record['provider']} -> {out} in {record['seconds']:.1f} s "
+              f"({record['rows_per_s']:.0f} rows/s, {record['issue_times'] * record['sensors'] / max(record['seconds'], 1e-9):.0f} "
+              f"forecasts/s); {record['status_summary']}")
     return record
 
 

@@ -95,3 +95,41 @@ def test_a_refused_promotion_exits_3(tmp_path, monkeypatch, capsys):
     assert lines == ["stlink promote: refused: the gate refused stlink-x v2; the champion stays v1"]
     monkeypatch.setattr(pipeline, "promote_step", lambda params, version=None: promoted)
     assert cli.main(["promote"]) == 0
+
+
+QUIET_EXPORT = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+import onnx, onnxruntime as ort
+from onnx import TensorProto, helper
+from stlink.scoring.session import quiet_cuda_errors
+g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+m.ir_version = 9
+onnx.save(m, sys.argv[1])
+with quiet_cuda_errors("export"):
+    s = ort.InferenceSession(sys.argv[1], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+print("providers", *s.get_providers())
+"""
+
+
+def test_onnxruntime_cuda_library_errors_become_one_warning_line(tmp_path):
+    """Defect 10: on a machine without a usable GPU the red onnxruntime CUDA-library error is not printed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no CUDA provider: nothing to silence")
+    proc = subprocess.run([sys.executable, "-c", QUIET_EXPORT, str(tmp_path / "id.onnx")], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr
+    if "CUDAExecutionProvider" in proc.stdout:
+        pytest.skip("CUDA works on this machine: onnxruntime printed no error")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert "[E:onnxruntime" not in proc.stderr and "\x1b[" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("WARNING export: CUDA provider unavailable ("), lines

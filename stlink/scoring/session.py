@@ -64,15 +64,18 @@ def quiet_cuda_errors(what: str = "onnxruntime") -> Iterator[None]:
     """Run a block that may start onnxruntime sessions (export parity, MLflow's input-example check) without
     the red CUDA-library errors native code prints on machines without a GPU: they are captured and
     replaced by one warning line saying why CUDA is off; every other line is passed on unchanged."""
-    with native_stderr() as printed:
-        yield
-    failures = [ln for ln in printed if any(m in ln for m in CUDA_FAILURE_MARKERS)]
-    rest = [ln for ln in printed if ln not in failures]
-    if rest:
-        sys.stderr.write("".join(f"{line}\n" for line in rest))
-        sys.stderr.flush()
-    if failures:
-        log.warning("%s: CUDA provider unavailable (%s); ran on CPU", what, cuda_failure(failures))
+    printed: list[str] = []
+    try:
+        with native_stderr() as printed:
+            yield
+    finally:  # also when the block raises: what it printed is passed on
+        failures = [ln for ln in printed if any(m in ln for m in CUDA_FAILURE_MARKERS)]
+        rest = [ln for ln in printed if ln not in failures and re.sub(r"\x1b\[[0-9;]*m|\[m", "", ln).strip()]
+        if rest:
+            sys.stderr.write("".join(f"{line}\n" for line in rest))
+            sys.stderr.flush()
+        if failures:
+            log.warning("%s: CUDA provider unavailable (%s); ran on CPU", what, cuda_failure(failures))
 
 
 def _open(onnx_path: str | Path, providers: list[str], options=None):
