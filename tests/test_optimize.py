@@ -1,5 +1,6 @@
 """Variants of the exported model (optimised graph, int8, fp16), their gates, and the scorer's session options."""
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -196,3 +197,33 @@ def test_fp16_on_cuda(exported, tmp_path):
     rec = export_variants(exported["model"], path, ExportConfig(optimize=False, fp16=True, max_mae_change=0.01),
                           data_dir=exported["folder"])["fp16"]
     assert rec["accuracy"]["provider"] == CUDA and rec["passed"] == (abs(rec["accuracy"]["relative_change"]) <= 0.01)
+
+
+def test_variants_are_tagged_and_stored_with_the_registered_version(exported, tmp_path):
+    """A real SQLite MLflow store: the gate figures become version tags, the variant files travel with it."""
+    import mlflow
+
+    from stlink.export.optimize import log_variants
+    from stlink.tracking.mlflow_log import log_onnx
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        exp = mlflow.create_experiment("variants", artifact_location=str(tmp_path / "artifacts"))
+        with mlflow.start_run(experiment_id=exp) as run:
+            pass
+        card = json.loads(sidecar_path(exported["path"]).read_text())
+        mv = log_onnx(run.info.run_id, exported["path"], registered_model="stlink-variants", parity=card["parity"])
+        log_variants(mv, exported["path"], exported["records"])
+        client = mlflow.MlflowClient()
+        tags = client.get_model_version("stlink-variants", mv.version).tags
+        acc = exported["records"]["int8"]["accuracy"]
+        assert tags["int8.passed"] == "true" and tags["opt.passed"] == "true" and tags["int8.file"] == "model.int8.onnx"
+        assert float(tags["int8.test_mae"]) == pytest.approx(acc["mae"], rel=1e-5)
+        assert float(tags["int8.mae_change"]) == pytest.approx(acc["relative_change"], rel=1e-4, abs=1e-9)
+        got = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=client.get_model_version_download_uri("stlink-variants", mv.version), dst_path=str(tmp_path / "dl")))
+        for name in ("model.int8.onnx", "model.int8.json", "model.opt.onnx", "model.opt.json"):
+            assert (got / name).read_bytes() == (exported["path"].parent / name).read_bytes()
+    finally:
+        mlflow.set_tracking_uri(before)

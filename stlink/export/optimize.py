@@ -465,3 +465,28 @@ def variant_tags(records: Mapping[str, Any]) -> dict[str, str]:
         if rec.get("refused"):
             tags[f"{v}.refused"] = rec["refused"][:500]
     return tags
+
+
+def log_variants(model_version, onnx_path: str | Path, records: Mapping[str, Any], client=None) -> dict[str, str]:
+    """Record the variants on the registered version of ``onnx_path`` (call after ``register_export_step``).
+
+    Tags ``variant_tags(records)`` on the model version (``int8.passed``, ``int8.test_mae``,
+    ``int8.mae_change``, ...), and every written variant file with its card stored beside
+    ``model.onnx`` in the version's logged model, so ``models:/...`` downloads carry them.
+    Returns the tags.
+    """
+    import mlflow
+
+    client = client or mlflow.MlflowClient(mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    tags = variant_tags(records)
+    for key, value in tags.items():
+        client.set_model_version_tag(model_version.name, str(model_version.version), key, value)
+    source = str(getattr(model_version, "source", "") or "")
+    model_id = getattr(model_version, "model_id", None) or (   # the logged ONNX model behind the version
+        source.split("/", 1)[1] if source.startswith("models:/m-") else None)
+    for v, rec in records.items():
+        if rec.get("file") and model_id:
+            path = variant_path(onnx_path, v)
+            for item in (path, sidecar_path(path)):
+                client.log_model_artifact(model_id, str(item))
+    return tags
