@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task

@@ -29,7 +29,6 @@ from typing import Any, Callable
 
 import mlflow
 import yaml
-from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
