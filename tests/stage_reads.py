@@ -56,6 +56,18 @@ def stlink_files() -> set[str]:
     return out
 
 
+def record(step: Callable[[], Any]) -> set[str]:
+    """Run ``step`` in this process; the params keys read through recording Params meanwhile."""
+    global _current
+    keys: set[str] = set()
+    _current = keys
+    try:
+        step()
+    finally:
+        _current = None
+    return keys
+
+
 def leaf_reads(keys: set[str]) -> set[str]:
     """The keys read that no other read key refines (``data`` dropped when ``data.null_value`` is there)."""
     return {k for k in keys if not any(o.startswith(k + ".") for o in keys)}
@@ -81,7 +93,8 @@ def dvc_stages(dvc_yaml: Path = ROOT / "dvc.yaml") -> dict[str, dict]:
     return yaml.safe_load(dvc_yaml.read_text())["stages"]
 
 
-def pipeline_reads(root: Path, params: dict | None = None) -> dict[str, tuple[set[str], set[str], int]]:
+def pipeline_reads(root: Path, params: dict | None = None,
+                   verbose: bool = False) -> dict[str, tuple[set[str], set[str], int]]:
     """Run every DVC stage's command (``stlink ...``) in ``root``, each in a fresh process (as DVC
     does) with a recording Params; returns {stage: (params keys read, stlink files loaded, exit code)}."""
     import json
@@ -105,6 +118,9 @@ def pipeline_reads(root: Path, params: dict | None = None) -> dict[str, tuple[se
             raise AssertionError(f"stage {name}: no record ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
         rec = json.loads(lines[-1][len("STAGE_READS "):])
         out[name] = (set(rec["keys"]), set(rec["files"]), rec["rc"])
+        if verbose:  # as each stage finishes: the table is useful before the last stage ends
+            print(f"== {name} (exit {rec['rc']})\n  params: {sorted(leaf_reads(set(rec['keys'])))}\n"
+                  f"  code: {sorted(rec['files'])}", flush=True)
     return out
 
 
@@ -153,7 +169,5 @@ if __name__ == "__main__":
         import time
 
         t0 = time.perf_counter()
-        reads = pipeline_reads(Path(tempfile.mkdtemp(prefix="stage-reads-")))
-        for stage, (keys, files, rc) in reads.items():
-            print(f"== {stage} (exit {rc})\n  params: {sorted(leaf_reads(keys))}\n  code: {sorted(files)}")
+        pipeline_reads(Path(tempfile.mkdtemp(prefix="stage-reads-")), verbose=True)
         print(f"{time.perf_counter() - t0:.1f} s")
