@@ -286,6 +286,8 @@ def _keep_or_replace_best(out_dir: Path, checksum: str, force: bool) -> dict[str
     from stlink.io import atomic_path
 
     best, candidate = out_dir / "best.pt", out_dir / RUN_BEST
+    if not candidate.exists() and best.exists():  # a run finished before run_best.pt existed: its best is best.pt
+        return {"best_replaced": True, "previous_best_val_mae": None}
     new = load_checkpoint(candidate)
     old = load_checkpoint(best) if best.exists() else None
     old_val = None if old is None or old.get("data_sha256") != checksum else old.get("val_mae")
