@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from stage_reads import ROOT, dvc_stages, leaf_reads, pipeline_reads
+from stage_reads import ROOT, dvc_stages, leaf_reads, pipeline_reads, record, recording
 
 pytestmark = pytest.mark.slow  # runs every stage once on tiny data, each in a fresh process
 
@@ -31,7 +31,47 @@ def dep_covers(file: str, deps: list[str]) -> bool:
 
 @pytest.fixture(scope="module")
 def reads(tmp_path_factory):
-    return pipeline_reads(tmp_path_factory.mktemp("stages"))
+    """Every stage on the tiny synthetic project; ``source`` and ``ingest`` also on each file format
+    (what they read depends on data.source: PEMS needs data.start_time, a download data.url, ...)."""
+    out = pipeline_reads(tmp_path_factory.mktemp("stages"))
+    extra = file_source_reads(tmp_path_factory.mktemp("sources"))
+    for stage in ("source", "ingest"):
+        keys, files, rc = out[stage]
+        out[stage] = (keys | extra, files, rc)
+    return out
+
+
+def file_source_reads(tmp: Path) -> set[str]:
+    """Params read by ``stlink fingerprint`` + ``stlink ingest`` (in-process) on tiny files of every format."""
+    import hashlib
+
+    import numpy as np
+    import pandas as pd
+    from fixtures_gen import byo_long, cube, serve_folder, write_adj_pkl, write_byo, write_metrla_h5, write_pems, write_tgcn
+
+    from stlink.config import params_from_dict
+    from stlink.data.ingest import ingest, write_fingerprint
+
+    ids = ["a", "b", "c"]
+    write_pems(tmp / "pems", cube(6, 3, 1), [(0, 1, 1.0)])
+    (tmp / "metrla").mkdir()
+    write_metrla_h5(tmp / "metrla" / "m.h5", np.ones((6, 3)), ids)
+    write_adj_pkl(tmp / "metrla" / "adj_mx.pkl", ids, np.eye(3))
+    write_tgcn(tmp / "tgcn", np.ones((6, 3)), ids, np.eye(3))
+    write_byo(tmp / "byo", byo_long(pd.date_range("2024-01-01", periods=6, freq="5min"), ids),
+              pd.DataFrame({"sensor_id": ids}), pd.DataFrame({"from": ["a"], "to": ["b"], "distance": [1.0]}))
+    digest = hashlib.sha256((tmp / "byo" / "readings.csv").read_bytes()).hexdigest()
+    cases = [{"source": "pems", "path": str(tmp / "pems"), "start_time": "2024-01-01", "freq": "5min"},
+             {"source": "metrla", "path": str(tmp / "metrla")},
+             {"source": "tgcn", "path": str(tmp / "tgcn"), "start_time": "2024-01-01", "freq": "5min"},
+             {"source": "byo", "path": str(tmp / "byo"), "files": {"readings": "readings.csv"}}]
+    keys: set[str] = set()
+    with serve_folder(tmp / "byo") as url:
+        cases.append({"source": "byo", "path": str(tmp / "down"), "url": url, "sha256": {"readings.csv": digest}})
+        for i, data in enumerate(cases):
+            params = recording(params_from_dict({"data": {"dataset": f"d{i}", **data}}))
+            keys |= record(lambda: (write_fingerprint(params, tmp / f"fp{i}.json"), ingest(params, tmp / f"raw{i}")))
+    return keys
 
 
 def test_every_stage_ran(reads):
