@@ -59,7 +59,7 @@ def test_repro_then_up_to_date_then_selective(repo):
     assert "up to date" in run(["dvc", "status", "prepare"], d, env).stdout.lower()  # `source` is not reported
     assert stages_run(d, env, "repro", "prepare") == ["source"]
     # a prepare-only param re-runs prepare only
-    set_param(d, "prepare", "input_len", 6)
+    set_param(d, "prepare", "input_len", 24)  # a multiple of model.patch_len (12)
     assert stages_run(d, env, "repro", "prepare") == ["source", "prepare"]
     # a validation param re-runs validate (and prepare, which reads it too), never ingest
     set_param(d, "validation", "max_missing_fraction", 0.45)
