@@ -20,15 +20,15 @@ def run(cmd, cwd, env, check=True):
     return res
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dvcrepo")
+def dvc_project(d: Path, edit) -> tuple[Path, dict]:
+    """The project's dvc.yaml, params.yaml (changed by ``edit(params)``), code and suites copied into
+    ``d``, which becomes a git + DVC repo; returns (d, the env to run dvc with)."""
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, d / name)
     shutil.copytree(ROOT / "stlink", d / "stlink", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "validation", d / "validation")
     params = yaml.safe_load((d / "params.yaml").read_text())
-    params["data"]["synthetic"].update(n_corridors=2, sensors_per_corridor=3, days=4)
+    edit(params)
     (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ, DVC_NO_ANALYTICS="1",
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
@@ -36,6 +36,12 @@ def repo(tmp_path_factory):
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], d, env)
     run(["dvc", "init", "-q"], d, env)
     return d, env
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return dvc_project(tmp_path_factory.mktemp("dvcrepo"), lambda p: p["data"]["synthetic"].update(
+        n_corridors=2, sensors_per_corridor=3, days=4))
 
 
 def stages_run(d, env, *cmd):
@@ -86,24 +92,15 @@ def byo_readings(seed: int) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def byo_repo(tmp_path_factory):
+    def edit(params):
+        params["data"].update(dataset="city", source="byo", path="city_src")
+        params["validation"]["data_docs"] = False
+
     d = tmp_path_factory.mktemp("dvcbyo")
-    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / name, d / name)
-    shutil.copytree(ROOT / "stlink", d / "stlink", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "validation", d / "validation")
-    params = yaml.safe_load((d / "params.yaml").read_text())
-    params["data"].update(dataset="city", source="byo", path="city_src")
-    params["validation"]["data_docs"] = False
-    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (d / "city_src").mkdir()
     byo_readings(0).to_csv(d / "city_src" / "readings.csv", index=False)
     pd.DataFrame({"sensor_id": ["A1", "B7", "C3"]}).to_csv(d / "city_src" / "sensors.csv", index=False)
-    env = dict(os.environ, DVC_NO_ANALYTICS="1",
-               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
-    run(["git", "init", "-q"], d, env)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], d, env)
-    run(["dvc", "init", "-q"], d, env)
-    return d, env
+    return dvc_project(d, edit)
 
 
 def test_a_replaced_source_file_re_runs_ingest_and_only_then(byo_repo):
