@@ -209,12 +209,15 @@ def evaluate(params: Params, model_dir: Path, out_dir: Path, *, data_dir: Path |
     model.to(device)
     references = load_references(params, model_dir, checksum, cache_dir, device)
     spd = data.steps_per_day
+    ecfg = params.evaluate
+    threshold = (ecfg.abrupt_threshold if ecfg.abrupt_threshold is not None else  # one training pass for both splits
+                 training_jump_threshold(data, L, H, ecfg.abrupt_quantile))
     results = {}
     intervals = IntervalEvaluation(params.intervals.coverages, params.intervals.scope)
     for split in SPLITS:
         keep = spd if split == "test" else 0
         res, preds = evaluate_split(model, data, split, params, L, H, device, keep_windows=keep, references=references,
-                                    on_batch=functools.partial(intervals.update, split))
+                                    abrupt_threshold=threshold, on_batch=functools.partial(intervals.update, split))
         results[split] = res
         write_json(out_dir / "metrics" / f"{split}.json", res)
         methods = ["model", *references, "last_value", "historical_average", "seasonal_naive"]
