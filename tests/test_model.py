@@ -228,11 +228,15 @@ def test_lora_trainable_set_is_exact():
     assert frozen and all(".base_layer." in n or ".mlp." in n or "layernorm" in n for n in frozen)
 
 
-def test_lora_targets_are_attention_projections_only():
+def test_lora_targets_name_kept_layer_projections_only():
     assert re.fullmatch(lora_target_regex(["q_proj", "v_proj"]), "layers.3.self_attn.v_proj")
     assert not re.fullmatch(lora_target_regex(["q_proj"]), "layers.0.mlp.q_proj")
-    with pytest.raises(ValueError, match="gate_proj"):
-        lora_target_regex(["q_proj", "gate_proj"])
+    assert not re.fullmatch(lora_target_regex(["q_proj"]), "layers.0.mlp.gate_proj")
+    both = lora_target_regex(["q_proj", "gate_proj", "down_proj"])
+    assert re.fullmatch(both, "layers.0.mlp.gate_proj") and re.fullmatch(both, "layers.1.self_attn.q_proj")
+    assert not re.fullmatch(both, "layers.0.self_attn.gate_proj") and not re.fullmatch(both, "layers.0.mlp.up_proj")
+    with pytest.raises(ValueError, match="embed_tokens"):
+        lora_target_regex(["q_proj", "embed_tokens"])
 
 
 def test_output_shape_and_original_units_for_constant_input():

@@ -1,4 +1,4 @@
-"""LoRA on the kept layers' attention projections (peft).
+"""LoRA on the kept layers' attention (and optionally MLP) projections (peft).
 
 Only the decoder stack is handed to ``get_peft_model``; peft then freezes every backbone weight
 except the LoRA matrices.  The new ST-LINK modules (input embedding, spatial phases, memory,
@@ -12,18 +12,22 @@ import re
 from torch import nn
 
 from stlink.config import ModelConfig
-from stlink.model.backbone import ATTENTION_PROJECTIONS
+from stlink.model.backbone import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
 
 
 def lora_target_regex(targets: list[str]) -> str:
-    """A peft ``target_modules`` regex matching only the kept layers' attention projections."""
-    bad = sorted(set(targets) - set(ATTENTION_PROJECTIONS))
+    """A peft ``target_modules`` regex matching only the named projections of the kept layers:
+    attention (``q_proj k_proj v_proj o_proj``) and/or MLP (``gate_proj up_proj down_proj``)."""
+    known = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+    bad = sorted(set(targets) - set(known))
     if not targets or bad:
         raise ValueError(
-            f"model.lora_targets must be a non-empty subset of {list(ATTENTION_PROJECTIONS)}, got {targets}"
-            + (f" ({bad} are not attention projections)" if bad else ""))
-    names = "|".join(re.escape(t) for t in sorted(set(targets)))
-    return rf"^layers\.\d+\.self_attn\.({names})$"
+            f"model.lora_targets must be a non-empty subset of {list(known)}, got {targets}"
+            + (f" ({bad} are not projections of a kept layer)" if bad else ""))
+    attn = "|".join(re.escape(t) for t in sorted(set(targets) & set(ATTENTION_PROJECTIONS)))
+    mlp = "|".join(re.escape(t) for t in sorted(set(targets) & set(MLP_PROJECTIONS)))
+    parts = ([rf"self_attn\.({attn})"] if attn else []) + ([rf"mlp\.({mlp})"] if mlp else [])
+    return rf"^layers\.\d+\.({'|'.join(parts)})$"
 
 
 def apply_lora(stack: nn.Module, mcfg: ModelConfig) -> nn.Module:
