@@ -96,6 +96,7 @@ class ModelConfig:
     spatial_rope: str = "split"  # split | compose | off
     spatial_dim: int = 8        # Laplacian eigenvectors used for the sensor phases
     head: str = "linear"        # linear | mlp (a trainable non-linearity after the frozen FFN: Linear-GELU-Linear)
+    dropout: float = 0.0        # on the tokens entering the backbone and on its output before the head (training only)
     mrffn: str = "on"           # on | off
     mrffn_layers: int = 1       # last layers that get the memory read
     mrffn_query: str = "zscore"  # zscore (global z-scored window: keeps the level) | revin (the RevIN shape)

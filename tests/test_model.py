@@ -470,3 +470,16 @@ def test_overfits_one_batch():
         decay.step()
         losses.append(loss.item())
     assert losses[0] > 5.0 and losses[-1] < 0.15, f"MAE {losses[0]:.2f} -> {losses[-1]:.3f} (amplitude 10)"
+
+
+def test_dropout_acts_in_training_only_and_adds_no_parameters():
+    plain, dropped = _build(seed=3, lora_dropout=0.0), _build(seed=3, dropout=0.3, lora_dropout=0.0)
+    assert plain.state_dict().keys() == dropped.state_dict().keys()  # old checkpoints load at any rate
+    batch = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(dropped(**batch), plain(**batch))  # eval: dropout is the identity
+        plain.train(), dropped.train()
+        torch.testing.assert_close(plain(**batch), plain(**batch))  # no other randomness in training
+        assert not torch.allclose(dropped(**batch), dropped(**batch))
+    with pytest.raises(ValueError, match="model.dropout"):
+        _build(dropout=1.0)

@@ -189,6 +189,9 @@ class Forecaster(nn.Module):
             self.memory = nn.ModuleList()
         self.backbone = apply_lora(stack, mcfg)
         self.norm = nn.LayerNorm(hidden)
+        if not 0.0 <= mcfg.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {mcfg.dropout}")
+        self.drop = nn.Dropout(mcfg.dropout)  # no parameters: checkpoints stay loadable whatever the rate
         if mcfg.head not in ("linear", "mlp"):
             raise ValueError(f"model.head must be 'linear' or 'mlp', got {mcfg.head!r}")
         self.head = (nn.Linear(self.n_patches * hidden, output_len) if mcfg.head == "linear" else
@@ -225,8 +228,8 @@ class Forecaster(nn.Module):
         cos, sin = self.rope_tables(n)                                     # (1, N*P, head_dim), float32
         query = plain[..., 0] if self.mrffn_query == "revin" else z[..., 0]  # (B, L, N)
         reads = [r.to(h.dtype) for r in self.memory_reads(query)]
-        h = self.backbone(h, cos.to(h.dtype), sin.to(h.dtype), reads)      # (B, N*P, D)
-        h = self.norm(h).reshape(b, n, -1)                                 # (B, N, P*D)
+        h = self.backbone(self.drop(h), cos.to(h.dtype), sin.to(h.dtype), reads)  # (B, N*P, D)
+        h = self.drop(self.norm(h)).reshape(b, n, -1)                      # (B, N, P*D)
         y = self.head(h).transpose(1, 2)                                   # (B, H, N)
         if self.use_revin:
             y = self.revin.denormalise(y, mean, std)
