@@ -10,9 +10,12 @@ at the end; the chunks run on the task runner named by the ``task_runner`` param
                           worker processes on 127.0.0.1 (default 2 workers)
     dask:<address>        the workers of an existing Dask scheduler, e.g. ``tcp://10.0.0.5:8786``
 
-Distributed workers must see the model file (the registry cache, ``mlruns/registry-cache``) and the
-input at the same paths (a shared file system); each chunk's forecasts travel back as a table and only
-the flow writes the output.  The sensor axis is never split: the model reads the whole network.
+Distributed workers must see the model file (the registry cache, ``mlruns/registry-cache``), the
+input and the output's folder at the same paths (a shared file system): each chunk task writes its
+forecasts as a Parquet file in ``.<output name>.chunks/`` beside the output and returns only the
+path; the write step streams those files into the output, validating one row group at a time, so
+neither the flow nor a worker holds more than one chunk's rows (``docs/benchmarks.md``, Backfill).
+The sensor axis is never split: the model reads the whole network.
 
 Run it:  ``python -m flows.forecast [--model models:/stlink-<dataset>@champion] [--input ...] [--start ...]``
 """
@@ -23,7 +26,6 @@ import json
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -111,16 +113,17 @@ def validate_input_task(params: Params, model_path: str, input: str | None, star
 
 @task(name="forecast-chunk", cache_policy=NO_CACHE, retries=0)
 def forecast_chunk_task(params: Params, model_path: str, input: str | None, first: str, last: str, device: str,
-                        model_version: str, source: str | None = None) -> pd.DataFrame:
-    """``pipeline.forecast_chunk_step``: the rows of the issue times ``[first, last]``."""
+                        model_version: str, output: str, source: str | None = None) -> str:
+    """``pipeline.forecast_chunk_step``: the rows of the issue times ``[first, last]``, as a file; its path."""
     return pipeline.forecast_chunk_step(params, model_path, first, last, input=input, device=device,
-                                        model_version=model_version, source=source)
+                                        model_version=model_version, source=source, output=output)
 
 
 @task(name="write-output", cache_policy=NO_CACHE, retries=0)
-def write_output_task(params: Params, model_path: str, parts: list[pd.DataFrame], issue_times: list[str],
+def write_output_task(params: Params, model_path: str, parts: list[str], issue_times: list[str],
                       model_version: str, output: str, fmt: str) -> int:
-    """``pipeline.forecast_write_step``: validate the whole table, write it atomically; the row count."""
+    """``pipeline.forecast_write_step``: stream the chunk files into the output, validating them chunk by chunk,
+    atomically; the row count."""
     try:
         return pipeline.forecast_write_step(params, model_path, parts, issue_times, model_version, output, fmt)
     except DataError as exc:
@@ -150,13 +153,16 @@ def batch_forecast(params_path: str = "params.yaml", overrides: list[str] | None
     model = load_model_task(params, model_uri)
     issue_times = validate_input_task(params, model["path"], input, start, end)
     ranges = split_issue_times(issue_times, chunks)
-    with make_task_runner(task_runner) as runner:
-        futures = runner.map(forecast_chunk_task, {
-            "params": unmapped(params), "model_path": unmapped(model["path"]), "input": unmapped(input),
-            "first": [a for a, _ in ranges], "last": [b for _, b in ranges], "device": unmapped(device),
-            "model_version": unmapped(model["version"])})
-        parts = futures.result()
-    rows = write_output_task(params, model["path"], parts, issue_times, model["version"], output, fmt)
+    try:
+        with make_task_runner(task_runner) as runner:
+            futures = runner.map(forecast_chunk_task, {
+                "params": unmapped(params), "model_path": unmapped(model["path"]), "input": unmapped(input),
+                "first": [a for a, _ in ranges], "last": [b for _, b in ranges], "device": unmapped(device),
+                "model_version": unmapped(model["version"]), "output": unmapped(output)})
+            parts = futures.result()
+        rows = write_output_task(params, model["path"], parts, issue_times, model["version"], output, fmt)
+    finally:
+        pipeline.forecast_chunks_cleanup(params, output, fmt)
     # input drift (may start the retrain deployment: drift.retrain_on_drift) and the HTML report beside the table
     monitoring = task(name="drift-and-report", cache_policy=NO_CACHE)(after_forecast)(
         params, output, pipeline.forecast_input(params, input), retrain=True)

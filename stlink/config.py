@@ -173,6 +173,8 @@ class ScoreConfig:
     format: str = "parquet"     # parquet | csv
     intra_op_threads: int = 0   # onnxruntime threads inside one operator; 0 = library default (one per physical core)
     inter_op_threads: int = 0   # onnxruntime threads across independent operators; 0 = library default (docs/benchmarks.md)
+    variant: str = "fp32"       # fp32 | opt | int8 | fp16: which exported ONNX file of the model is scored (model.<v>.onnx)
+    batch_size: int = 8         # windows per onnxruntime call (bench/bench_onnx.py figures in docs/benchmarks.md)
 
 
 @dataclass
@@ -312,6 +314,7 @@ CHOICES: dict[str, tuple[str, ...]] = {  # params whose value is one of a few wo
     "train.device": ("auto", "cpu", "cuda"),
     "score.device": ("auto", "cuda", "cpu"),
     "score.format": ("parquet", "csv"),
+    "score.variant": ("fp32", "opt", "int8", "fp16"),
 }
 
 
@@ -332,7 +335,7 @@ def check_params(params: Params) -> Params:
         if get(key) not in choices:
             raise ConfigError(f"{key}={get(key)!r}: one of {', '.join(choices)}")
     for key in ("prepare.input_len", "prepare.output_len", "model.patch_len", "model.n_layers", "train.batch_size",
-                "evaluate.batch_size"):
+                "evaluate.batch_size", "score.batch_size"):
         if get(key) < 1:
             raise ConfigError(f"{key}={get(key)!r}: must be at least 1")
     for key in ("train.lr", "train.epochs", "train.weight_decay", "train.warmup_steps", "train.patience"):

@@ -188,13 +188,17 @@ def resolve_score_model(params: Params, model: str | None = None):
 
 
 def score_model_step(params: Params, model: str | None = None) -> dict[str, str]:
-    """The model a scoring run uses: ``{"uri", "path", "version"}``; ``version`` is the registry label
-    (``stlink-<dataset>/3``) or, for a plain file, the card's ``<file>@sha256:<12 hex>``."""
+    """The model a scoring run uses: ``{"uri", "path", "version", "variant"}``; ``path`` is the ONNX file of
+    ``score.variant`` (``model.onnx`` or ``model.<variant>.onnx`` beside it, ``VariantError`` when it was not
+    exported); ``version`` is the registry label (``stlink-<dataset>/3``) or, for a plain file, the card's
+    ``<file>@sha256:<12 hex>``."""
     from stlink.export.card import read_card
+    from stlink.export.optimize import select_variant
 
     resolved = resolve_score_model(params, model)
-    label = resolved.label if resolved.name else read_card(resolved.path).default_version
-    return {"uri": resolved.uri, "path": str(resolved.path), "version": label}
+    path = select_variant(resolved.path, params.score.variant, resolved.uri)
+    label = resolved.label if resolved.name else read_card(path).default_version
+    return {"uri": resolved.uri, "path": str(path), "version": label, "variant": params.score.variant}
 
 
 def forecast_input(params: Params, input: str | Path | None = None) -> Path:
@@ -215,12 +219,13 @@ def check_forecast_output(output: str | Path, fmt: str) -> Path:
 
 
 def scoring_options(params: Params, model_path: str | Path) -> dict[str, Any]:
-    """onnxruntime threads (``score.intra_op_threads`` / ``inter_op_threads``) and the interval columns
+    """onnxruntime threads (``score.intra_op_threads`` / ``inter_op_threads``), windows per onnxruntime call
+    (``score.batch_size``) and the interval columns
     (``intervals.coverages`` when the card is calibrated) that every scoring entry point uses."""
     from stlink.export.optimize import session_options_from_params
     from stlink.monitoring.intervals import interval_bands
 
-    return {"session_options": session_options_from_params(params.score),
+    return {"session_options": session_options_from_params(params.score), "batch_size": params.score.batch_size,
             "interval_bands": interval_bands(model_path, params.intervals.coverages, params.intervals.forecast)}
 
 
@@ -270,42 +275,64 @@ def forecast_plan_step(params: Params, model_path: str | Path, input: str | Path
     return p.issue_times
 
 
+def forecast_chunk_dir(output: str | Path) -> Path:
+    """The hidden folder beside ``output`` where the flow's chunk tasks leave their tables
+    (``<folder>/.<name>.chunks/``; removed by the flow when it ends)."""
+    output = Path(output)
+    return output.parent / f".{output.name}.chunks"
+
+
 def forecast_chunk_step(params: Params, model_path: str | Path, first: str, last: str, *,
                         input: str | Path | None = None, device: str | None = None, model_version: str | None = None,
-                        source: str | None = None):
-    """Forecasts of the issue times ``[first, last]`` as a DataFrame (the rows ``forecast_step`` would write;
-    the great-expectations suite ran in ``forecast_plan_step``)."""
-    import tempfile
-
-    import pandas as pd
-
+                        source: str | None = None, output: str | Path | None = None) -> str:
+    """Forecasts of the issue times ``[first, last]`` (the rows ``forecast_step`` would write; the
+    great-expectations suite ran in ``forecast_plan_step``), written and validated as a Parquet file in
+    ``forecast_chunk_dir(output)``; its path.  Only a path travels back to the flow, not the rows."""
     from stlink.scoring import forecast
 
-    with tempfile.TemporaryDirectory(prefix="stlink-chunk-") as tmp:
-        part = Path(tmp) / "part.parquet"
-        forecast(model_path, forecast_input(params, input), part, device=device or params.score.device, start=first,
-                 end=last, model_version=model_version, source=source, data_cfg=params.data,
-                 validation=params.validation, gx=False, progress=False, **scoring_options(params, model_path))
-        return pd.read_parquet(part)
+    fmt = params.score.format
+    stamp = lambda t: str(t).replace("-", "").replace(":", "").replace(" ", "T")  # noqa: E731
+    part = forecast_chunk_dir(forecast_output(params, output, fmt)) / f"chunk-{stamp(first)}-{stamp(last)}.parquet"
+    forecast(model_path, forecast_input(params, input), part, device=device or params.score.device, start=first,
+             end=last, model_version=model_version, source=source, data_cfg=params.data,
+             validation=params.validation, gx=False, progress=False, **scoring_options(params, model_path))
+    return str(part)
 
 
-def forecast_write_step(params: Params, model_path: str | Path, parts: list, issue_times: list[str],
+def forecast_write_step(params: Params, model_path: str | Path, parts: list[str | Path], issue_times: list[str],
                         model_version: str, output: str | Path | None = None, fmt: str | None = None) -> int:
-    """Concatenate chunk tables, validate the whole table as ``forecast_step`` does, write it atomically; rows."""
+    """The chunk files, in order, streamed into the output (the unnamed-then-linked file of ``forecast_step``)
+    and validated chunk by chunk as ``forecast_step`` does; rows.  Memory: one Parquet row group."""
     import pandas as pd
+    import pyarrow.parquet as pq
 
     from stlink.export.card import read_card
-    from stlink.scoring import check_output_location, validate_output, write_table
+    from stlink.scoring import check_output_location, output_chunks, validate_chunks
+    from stlink.scoring.output import RowWriter, unnamed_file
 
     fmt = fmt or params.score.format
     out = check_output_location(forecast_output(params, output, fmt), fmt)
     card = read_card(model_path)
-    df = pd.concat(parts, ignore_index=True)
-    validate_output(df, sensor_ids=card.sensor_ids, horizon=card.output_len,
-                    issue_times=pd.DatetimeIndex(issue_times).to_numpy("datetime64[ns]"), freq=card.freq,
-                    bounds=params.validation.bounds.get(card.channels[0]), model_version=model_version, where=str(out))
-    write_table(df, out, fmt)
-    return len(df)
+    with unnamed_file(out) as fh:
+        with RowWriter(fh, fmt) as writer:
+            for part in parts:
+                pf = pq.ParquetFile(part)
+                for i in range(pf.num_row_groups):
+                    writer.write(pf.read_row_group(i))
+            writer.close()
+        validate_chunks(output_chunks(fh, fmt, csv_rows=256 * len(card.sensor_ids) * card.output_len),
+                        sensor_ids=card.sensor_ids, horizon=card.output_len,
+                        issue_times=pd.DatetimeIndex(issue_times).to_numpy("datetime64[ns]"), freq=card.freq,
+                        bounds=params.validation.bounds.get(card.channels[0]), model_version=model_version,
+                        where=str(out))
+    return writer.rows
+
+
+def forecast_chunks_cleanup(params: Params, output: str | Path | None = None, fmt: str | None = None) -> None:
+    """Remove the chunk files of a batch-forecast flow run (after the write step, or after a failure)."""
+    import shutil
+
+    shutil.rmtree(forecast_chunk_dir(forecast_output(params, output, fmt)), ignore_errors=True)
 
 
 def monitor_step(params: Params, *, forecasts: list[str | Path] | None = None,

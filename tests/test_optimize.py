@@ -227,3 +227,119 @@ def test_variants_are_tagged_and_stored_with_the_registered_version(exported, tm
             assert (got / name).read_bytes() == (exported["path"].parent / name).read_bytes()
     finally:
         mlflow.set_tracking_uri(before)
+
+
+# --- score.variant: which exported file the scorer loads -------------------------------------------------------
+
+def variant_params(model: str, variant: str, tmp_path, **score):
+    from stlink.config import params_from_dict
+
+    raw = {"data": {"dataset": "tiny"}, "prepare": {"input_len": L, "output_len": 12},
+           "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+           "score": {"model": model, "variant": variant, "device": "cpu", **score},
+           "validation": {"bounds": {"speed": [0.0, 120.0]}}}
+    return params_from_dict(raw)
+
+
+def test_score_variant_selects_the_exported_file_of_a_path_and_scores_it(exported, tmp_path):
+    """score.variant picks model.<v>.onnx beside the given path; the forecast is made by that file (real
+    onnxruntime): int8 differs from fp32 by quantisation noise only, opt matches fp32 within parity."""
+    import pandas as pd
+
+    from stlink import pipeline
+    from stlink.scoring import forecast
+
+    ts = exported["data"].timestamps
+    tables = {}
+    for v in ("fp32", "opt", "int8"):
+        m = pipeline.score_model_step(variant_params(str(exported["path"]), v, tmp_path))
+        assert Path(m["path"]) == variant_path(exported["path"], v) and m["variant"] == v
+        assert m["version"].startswith(Path(m["path"]).name + "@sha256:")  # the row label names the variant's file
+        out = tmp_path / f"{v}.parquet"
+        forecast(m["path"], exported["folder"], out, device="cpu", start=str(ts[-6]), progress=False)
+        tables[v] = pd.read_parquet(out)["value"].to_numpy()
+    assert np.abs(tables["opt"] - tables["fp32"]).max() < 1e-3
+    assert 0 < np.abs(tables["int8"] - tables["fp32"]).max() < 10.0
+
+
+def test_a_variant_that_was_not_exported_or_was_refused_is_a_clear_error(exported, tmp_path):
+    from stlink import pipeline
+    from stlink.export.optimize import VariantError
+
+    with pytest.raises(VariantError, match=r"score.variant=fp16: model .*model.onnx has no fp16 variant "
+                                           r"\(model.fp16.onnx was not exported.*export.fp16: true"):
+        pipeline.score_model_step(variant_params(str(exported["path"]), "fp16", tmp_path))
+    # refused by its accuracy gate: the fp32 card's record says why
+    path = tmp_path / "refused" / "model.onnx"
+    path.parent.mkdir()
+    for src in (exported["path"], sidecar_path(exported["path"])):
+        (path.parent / src.name).write_bytes(src.read_bytes())
+    export_variants(exported["model"], path, ExportConfig(optimize=False, quantize="int8", max_mae_change=1e-9,
+                                                          accuracy_windows=8), data_dir=exported["folder"])
+    with pytest.raises(VariantError, match=r"score.variant=int8: model .*refused/model.onnx has no int8 variant "
+                                           r"\(its gate refused it at export: .*export.quantize: int8"):
+        pipeline.score_model_step(variant_params(str(path), "int8", tmp_path))
+    with pytest.raises(ConfigError, match="score.variant='int4': one of fp32, opt, int8, fp16"):
+        variant_params(str(path), "int4", tmp_path)
+
+
+def test_score_variant_of_a_registered_champion(exported, tmp_path, monkeypatch):
+    """A real SQLite MLflow registry: models:/...@champion with score.variant=int8 downloads the version's
+    model.int8.onnx (stored by log_variants) and scores it; a variant the version lacks names the URI."""
+    import mlflow
+
+    from stlink import pipeline
+    from stlink.export.optimize import VariantError, log_variants
+    from stlink.scoring import forecast
+    from stlink.tracking.mlflow_log import log_onnx
+
+    monkeypatch.chdir(tmp_path)  # the registry cache (mlruns/registry-cache) lands here
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        exp = mlflow.create_experiment("variants", artifact_location=str(tmp_path / "artifacts"))
+        with mlflow.start_run(experiment_id=exp) as run:
+            pass
+        card = json.loads(sidecar_path(exported["path"]).read_text())
+        mv = log_onnx(run.info.run_id, exported["path"], registered_model="stlink-tiny", parity=card["parity"])
+        log_variants(mv, exported["path"], exported["records"])
+        mlflow.MlflowClient().set_registered_model_alias("stlink-tiny", "champion", mv.version)
+    finally:
+        mlflow.set_tracking_uri(before)
+    uri = "models:/stlink-tiny@champion"
+    m = pipeline.score_model_step(variant_params(uri, "int8", tmp_path))
+    assert Path(m["path"]).name == "model.int8.onnx" and m["version"] == f"stlink-tiny/{mv.version}"
+    assert Path(m["path"]).read_bytes() == variant_path(exported["path"], "int8").read_bytes()
+    rec = forecast(m["path"], exported["folder"], tmp_path / "f.parquet", device="cpu", progress=False,
+                   model_version=m["version"])
+    assert rec["rows_ok"] == N * 12
+    with pytest.raises(VariantError, match=r"score.variant=fp16: model models:/stlink-tiny@champion has no fp16 "
+                                           r"variant .*export.fp16: true.*stlink export"):
+        pipeline.score_model_step(variant_params(uri, "fp16", tmp_path))
+
+
+def test_score_batch_size_splits_onnxruntime_calls_without_changing_fp32_forecasts(exported, tmp_path):
+    """score.batch_size: windows per onnxruntime call inside a chunk; fp32 forecasts do not depend on it."""
+    from stlink.scoring.score import run_batches
+
+    session = ort.InferenceSession(str(exported["path"]), providers=["CPUExecutionProvider"])
+    g = np.random.default_rng(0)
+    slot = g.integers(0, 7 * 48, size=(10, 1)) + np.arange(L)                                 # (B, L)
+    feed = {"values": (50 + 10 * g.standard_normal((10, L, N, 1))).astype(np.float32),
+            "mask": g.random((10, L, N)) > 0.1, "tod": ((slot % 48) / 48).astype(np.float32),
+            "dow": ((slot // 48) % 7).astype(np.int64)}
+    calls = []
+
+    def runner(f):
+        calls.append(len(f["values"]))
+        return session.run(None, f)[0]
+
+    whole = run_batches(runner, feed, None)
+    assert calls == [10]
+    calls.clear()
+    split = run_batches(runner, feed, 4)
+    assert calls == [4, 4, 2] and split.shape == whole.shape
+    np.testing.assert_allclose(split, whole, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="score.batch_size=0: must be at least 1"):
+        variant_params(str(exported["path"]), "fp32", tmp_path, batch_size=0)
+    assert load_params(None).score.batch_size >= 1

@@ -100,6 +100,41 @@ def variant_path(onnx_path: str | Path, variant: str) -> Path:
     return onnx_path.with_name(f"{onnx_path.stem}.{variant}.onnx")
 
 
+SCORE_VARIANTS = ("fp32", *VARIANTS)
+HOW_TO_EXPORT = {"opt": "export.optimize: true", "int8": "export.quantize: int8",
+                 "fp16": "export.fp16: true (on a machine with a CUDA GPU)"}
+
+
+class VariantError(ConfigError):
+    """``score.variant`` names a file the model does not have (not exported, or refused by its gate)."""
+
+
+def select_variant(onnx_path: str | Path, variant: str, model: str | None = None) -> Path:
+    """The file ``score.variant`` scores: ``model.onnx`` (fp32) or ``model.<variant>.onnx`` beside it.
+
+    ``model``: how the user named the model (a ``models:/`` URI or the path), quoted in errors.  A variant
+    that was not exported, or was refused by its gate (the fp32 card's ``variants`` record says why), is a
+    ``VariantError`` naming the variant, the model and the export setting that produces it."""
+    if variant not in SCORE_VARIANTS:
+        raise ConfigError(f"score.variant={variant!r}: one of {', '.join(SCORE_VARIANTS)}")
+    onnx_path = Path(onnx_path)
+    path = variant_path(onnx_path, variant)
+    if path.is_file():
+        return path
+    import json
+
+    name = model or str(onnx_path)
+    try:
+        rec = (json.loads(sidecar_path(onnx_path).read_text()).get("variants") or {}).get(variant) or {}
+    except (OSError, ValueError):
+        rec = {}
+    why = (f"its gate refused it at export: {rec['refused']}" if rec.get("refused")
+           else f"{path.name} was not exported with it")
+    raise VariantError(f"score.variant={variant}: model {name} has no {variant} variant ({why}); produce it with "
+                       f"`{HOW_TO_EXPORT[variant]}` in params.yaml, then `stlink export` (and `stlink promote` for "
+                       f"the registry), or score with score.variant=fp32")
+
+
 def _remove_variant(onnx_path: Path, variant: str) -> None:
     path = variant_path(onnx_path, variant)
     for p in (path, sidecar_path(path)):

@@ -7,13 +7,15 @@
     score.py     ``forecast()`` (the step), ``plan()`` (checks only), the promotion gate's test-window check
 """
 from stlink.scoring.inputs import Windows, load_windows, parse_time, read_input
-from stlink.scoring.output import (FORMATS, OUTPUT_COLUMNS, OutputValidationError, check_output_location,
-                                   forecast_rows, read_csv_output, validate_output, write_table)
+from stlink.scoring.output import (FORMATS, OUTPUT_COLUMNS, OutputValidationError, OutputValidator,
+                                   check_output_location, forecast_rows, output_chunks, read_csv_output,
+                                   validate_chunks, validate_output, write_table)
 from stlink.scoring.score import Plan, forecast, output_check_on_test_windows, plan
 from stlink.scoring.session import CPU, CUDA, DEVICES, DeviceError, make_session
 from stlink.scoring.status import NO_FORECAST, OK, STATUSES, SensorStatus, sensor_status
 
 __all__ = ["CPU", "CUDA", "DEVICES", "DeviceError", "FORMATS", "NO_FORECAST", "OK", "OUTPUT_COLUMNS",
-           "OutputValidationError", "Plan", "STATUSES", "SensorStatus", "Windows", "check_output_location",
-           "forecast", "forecast_rows", "load_windows", "make_session", "output_check_on_test_windows", "parse_time",
-           "plan", "read_csv_output", "read_input", "sensor_status", "validate_output", "write_table"]
+           "OutputValidationError", "OutputValidator", "Plan", "STATUSES", "SensorStatus", "Windows",
+           "check_output_location", "forecast", "forecast_rows", "load_windows", "make_session",
+           "output_check_on_test_windows", "output_chunks", "parse_time", "plan", "read_csv_output", "read_input",
+           "sensor_status", "validate_chunks", "validate_output", "write_table"]

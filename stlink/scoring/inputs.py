@@ -87,7 +87,7 @@ def read_input(path: str | Path, card: ModelCard, *, source: str | None = None,
 
     path = Path(path)
     if path.is_dir() and (path / "meta.json").is_file() and (path / "values.npy").is_file():
-        return load_processed(path)
+        return load_processed(path, mmap=True)  # only the stretch the windows need is read (windows_from_processed)
     if path.is_dir() and (path / "readings.parquet").is_file() and (path / "source.json").is_file():
         return load_raw(path)
     if not path.exists():

@@ -13,7 +13,7 @@ import errno
 import os
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -79,55 +79,157 @@ def forecast_rows(y: np.ndarray, issue_times: np.ndarray, sensor_ids: list[str],
     })
 
 
-def validate_output(df: pd.DataFrame, *, sensor_ids: list[str], horizon: int, issue_times: np.ndarray,
-                    freq: pd.Timedelta, bounds: list[float] | None, model_version: str, where: str) -> dict[str, int]:
-    """``ok`` rows: no NaN, within bounds; ``no_forecast`` rows: a reason; exactly one row per sensor x step x
-    issue time, right target times.  Returns ``{"ok": rows, "no_forecast": rows}``."""
-    def fail(msg: str) -> None:
-        raise OutputValidationError(f"{where}: output validation failed: {msg}; nothing written")
+class OutputValidator:
+    """``validate_output`` one chunk of rows at a time, with running checks (bounded memory).
 
-    extra = [c for c in df.columns[len(OUTPUT_COLUMNS):] if not c.startswith(("lower_", "upper_"))]
-    if tuple(df.columns[:len(OUTPUT_COLUMNS)]) != OUTPUT_COLUMNS or extra:
-        fail(f"columns {list(df.columns)}, expected {list(OUTPUT_COLUMNS)} (then lower_<k>/upper_<k> intervals)")
-    unknown = ~df["status"].isin(STATUSES)
-    if unknown.any():
-        fail(f"status {df.loc[unknown, 'status'].iloc[0]!r}: one of {', '.join(STATUSES)}")
-    ok = (df["status"] == OK).to_numpy()
-    reason = df["reason"].fillna("").astype(str)
-    no_reason = ~ok & (reason == "").to_numpy()
-    if no_reason.any():
-        fail(f"{int(no_reason.sum())} {NO_FORECAST} row(s) without a reason")
-    nan = (df[[c for c in OUTPUT_COLUMNS if c not in ("value", "reason")]].isna().any(axis=1).to_numpy() | (ok & df["value"].isna().to_numpy()))
-    if nan.any():
-        row = df[nan].iloc[0]
-        fail(f"{int(nan.sum())} row(s) with NaN, e.g. sensor {row['sensor_id']!r} issued {row['issued_at']} "
-             f"step {row['horizon_step']}")
-    if bounds is not None:
-        v = df["value"].to_numpy()
-        out = ok & ((v < bounds[0]) | (v > bounds[1]))
-        if out.any():
-            row = df[out].iloc[0]
-            fail(f"{int(out.sum())} forecast(s) outside the physical bounds {bounds}, e.g. sensor "
-                 f"{row['sensor_id']!r} at {row['target_time']}: {row['value']}")
-    expected = len(sensor_ids) * horizon * len(issue_times)
-    keys = df[["sensor_id", "issued_at", "horizon_step"]]
-    if keys.duplicated().any():
-        fail(f"{int(keys.duplicated().sum())} duplicate (sensor_id, issued_at, horizon_step) row(s)")
-    if len(df) != expected or not pd.Index(df["sensor_id"].unique()).isin(sensor_ids).all() or \
-            not pd.Index(df["horizon_step"].unique()).isin(range(1, horizon + 1)).all() or \
-            not pd.DatetimeIndex(df["issued_at"].unique()).isin(pd.DatetimeIndex(issue_times)).all():
-        fail(f"{len(df)} rows, expected one per sensor x step x issue time = {len(sensor_ids)} x {horizon} x "
-             f"{len(issue_times)} = {expected}")
-    target = pd.DatetimeIndex(df["issued_at"]) + df["horizon_step"].to_numpy() * freq
-    if (pd.DatetimeIndex(df["target_time"]) != target).any():
-        fail("target_time != issued_at + horizon_step x frequency")
-    if (df["model_version"] != model_version).any():
-        fail(f"model_version differs from {model_version!r}")
-    return {OK: int(ok.sum()), NO_FORECAST: int((~ok).sum())}
+    Per chunk: columns, status, reasons, NaN, bounds, sensor ids, steps, target times, model version.
+    Across chunks, exactly one row per (sensor, issue time, step) is checked with state that grows with
+    the number of issue times (a row count per issue time), not with the rows: an issue time is *open*
+    while consecutive chunks hold its rows (their keys are kept, bounded by the rows of one chunk plus
+    one issue time's N x H), *closed* when a chunk without it follows; rows of a closed issue time
+    are refused.  The scorer writes every issue time's rows together (chunks cover disjoint, ascending
+    issue times), so its tables never reopen one.  ``finish()`` checks the totals.
+    """
+
+    KEYS = ["sensor_id", "issued_at", "horizon_step"]
+
+    def __init__(self, *, sensor_ids: list[str], horizon: int, issue_times: np.ndarray, freq: pd.Timedelta,
+                 bounds: list[float] | None, model_version: str, where: str):
+        self.sensor_ids, self.horizon, self.freq = list(sensor_ids), int(horizon), freq
+        self.bounds, self.model_version, self.where = bounds, model_version, where
+        self.expected_issues = pd.DatetimeIndex(issue_times).as_unit("ns")
+        self.known_sensors = pd.Index(self.sensor_ids)
+        self.per_issue = len(self.sensor_ids) * self.horizon
+        self.open = pd.DataFrame({"sensor_id": pd.Series([], dtype=object),
+                                  "issued_at": pd.Series([], dtype="datetime64[ns]"),
+                                  "horizon_step": pd.Series([], dtype=np.int64)})
+        self.counts: dict[int, int] = {}     # issue time (ns) -> rows, every issue time seen (K entries)
+        self.closed: set[int] = set()
+        self.rows = self.ok = self.chunks = 0
+        self.columns: list[str] | None = None
+
+    def fail(self, msg: str) -> None:
+        raise OutputValidationError(f"{self.where}: output validation failed: {msg}; nothing written")
+
+    def expected_text(self, rows: int) -> str:
+        k = len(self.expected_issues)
+        return (f"{rows} rows, expected one per sensor x step x issue time = {len(self.sensor_ids)} x "
+                f"{self.horizon} x {k} = {self.per_issue * k}")
+
+    def add(self, df: pd.DataFrame) -> None:
+        """Check one chunk of rows (any split of the table; the scorer's chunks are whole issue times)."""
+        fail = self.fail
+        cols = list(df.columns)
+        extra = [c for c in cols[len(OUTPUT_COLUMNS):] if not c.startswith(("lower_", "upper_"))]
+        if tuple(cols[:len(OUTPUT_COLUMNS)]) != OUTPUT_COLUMNS or extra or \
+                (self.columns is not None and cols != self.columns):
+            fail(f"columns {cols}, expected {list(OUTPUT_COLUMNS)} (then lower_<k>/upper_<k> intervals)")
+        self.columns = cols
+        unknown = ~df["status"].isin(STATUSES)
+        if unknown.any():
+            fail(f"status {df.loc[unknown, 'status'].iloc[0]!r}: one of {', '.join(STATUSES)}")
+        ok = (df["status"] == OK).to_numpy()
+        reason = df["reason"].fillna("").astype(str)
+        no_reason = ~ok & (reason == "").to_numpy()
+        if no_reason.any():
+            fail(f"{int(no_reason.sum())} {NO_FORECAST} row(s) without a reason")
+        nan = (df[[c for c in OUTPUT_COLUMNS if c not in ("value", "reason")]].isna().any(axis=1).to_numpy()
+               | (ok & df["value"].isna().to_numpy()))
+        if nan.any():
+            row = df[nan].iloc[0]
+            fail(f"{int(nan.sum())} row(s) with NaN, e.g. sensor {row['sensor_id']!r} issued {row['issued_at']} "
+                 f"step {row['horizon_step']}")
+        if self.bounds is not None:
+            v = df["value"].to_numpy()
+            out = ok & ((v < self.bounds[0]) | (v > self.bounds[1]))
+            if out.any():
+                row = df[out].iloc[0]
+                fail(f"{int(out.sum())} forecast(s) outside the physical bounds {self.bounds}, e.g. sensor "
+                     f"{row['sensor_id']!r} at {row['target_time']}: {row['value']}")
+        if not pd.Index(df["sensor_id"].unique()).isin(self.known_sensors).all() or \
+                not pd.Index(df["horizon_step"].unique()).isin(range(1, self.horizon + 1)).all() or \
+                not pd.DatetimeIndex(df["issued_at"].unique()).isin(self.expected_issues).all():
+            fail(self.expected_text(len(df)) + " (rows of other sensors, steps or issue times)")
+        target = pd.DatetimeIndex(df["issued_at"]) + df["horizon_step"].to_numpy() * self.freq
+        if (pd.DatetimeIndex(df["target_time"]) != target).any():
+            fail("target_time != issued_at + horizon_step x frequency")
+        if (df["model_version"] != self.model_version).any():
+            fail(f"model_version differs from {self.model_version!r}")
+        self._add_keys(df[self.KEYS])
+        self.rows += len(df)
+        self.ok += int(ok.sum())
+        self.chunks += 1
+
+    def _add_keys(self, keys: pd.DataFrame) -> None:
+        """Uniqueness across chunks: duplicates within the open issue times; a closed issue time may not return."""
+        issued_at = pd.DatetimeIndex(keys["issued_at"]).as_unit("ns")
+        keys = keys.assign(issued_at=issued_at, horizon_step=keys["horizon_step"].astype(np.int64))
+        issued = issued_at.asi8                                                      # (rows,)
+        here, n_here = np.unique(issued, return_counts=True)
+        back = [t for t in here.tolist() if t in self.closed]
+        if back:
+            self.fail(f"rows of issue time {pd.Timestamp(back[0])} after rows of other issue times: duplicate "
+                      f"(sensor_id, issued_at, horizon_step) row(s) or rows out of order")
+        open_issued = pd.DatetimeIndex(self.open["issued_at"]).asi8
+        still = np.isin(open_issued, here)
+        self.closed.update(np.unique(open_issued[~still]).tolist())
+        keys = pd.concat([self.open[still], keys], ignore_index=True)
+        dup = keys.duplicated()
+        if dup.any():
+            self.fail(f"{int(dup.sum())} duplicate (sensor_id, issued_at, horizon_step) row(s)")
+        self.open = keys
+        for t, c in zip(here.tolist(), n_here.tolist()):
+            self.counts[t] = self.counts.get(t, 0) + c
+
+    def finish(self) -> dict[str, int]:
+        """The totals: every issue time asked for, N x H rows each.  Returns ``{"ok": rows, "no_forecast": rows}``."""
+        expected = self.per_issue * len(self.expected_issues)
+        short = [t for t in self.expected_issues.asi8.tolist() if self.counts.get(t, 0) != self.per_issue]
+        if self.rows != expected or short or len(self.counts) != len(self.expected_issues):
+            self.fail(self.expected_text(self.rows)
+                      + (f"; issue time {pd.Timestamp(short[0])} has {self.counts.get(short[0], 0)}" if short else ""))
+        return {OK: self.ok, NO_FORECAST: self.rows - self.ok}
+
+
+def validate_output(df: pd.DataFrame, **kwargs) -> dict[str, int]:
+    """``ok`` rows: no NaN, within bounds; ``no_forecast`` rows: a reason; exactly one row per sensor x step x
+    issue time, right target times.  A whole table in memory; see ``validate_chunks`` for a long one.
+    Keywords: sensor_ids, horizon, issue_times, freq, bounds, model_version, where.
+    Returns ``{"ok": rows, "no_forecast": rows}``."""
+    return validate_chunks([df], **kwargs)
+
+
+def validate_chunks(chunks: Iterable[pd.DataFrame], **kwargs) -> dict[str, int]:
+    """``validate_output`` over a table given chunk by chunk (``OutputValidator``); memory: one chunk."""
+    v = OutputValidator(**kwargs)
+    for df in chunks:
+        v.add(df)
+    return v.finish()
+
+
+def read_row_group(pf, i: int) -> pd.DataFrame:
+    """Row group ``i`` of an open ``pyarrow.parquet.ParquetFile`` as a DataFrame (the only parquet read of
+    ``output_chunks``)."""
+    return pf.read_row_group(i).to_pandas()
+
+
+def output_chunks(source, fmt: str, csv_rows: int = 1 << 18) -> Iterator[pd.DataFrame]:
+    """A forecast table (a path or an open binary file) chunk by chunk: Parquet row groups (the scorer
+    writes one or more per chunk of issue times), CSV ``csv_rows`` rows at a time."""
+    import pyarrow.parquet as pq
+
+    if hasattr(source, "seek"):
+        source.seek(0)
+    if fmt == "parquet":
+        pf = pq.ParquetFile(source)
+        for i in range(pf.num_row_groups):
+            yield read_row_group(pf, i)
+        return
+    yield from read_csv_output(source, chunksize=max(1, int(csv_rows)))
 
 
 class RowWriter:
-    """Appends pyarrow tables to an open binary file as Parquet or CSV, and reads the file back."""
+    """Appends pyarrow tables to an open binary file as Parquet or CSV (read back with ``output_chunks``)."""
 
     def __init__(self, fh: BinaryIO, fmt: str):
         self.fh, self.fmt = fh, fmt
@@ -161,19 +263,13 @@ class RowWriter:
             self.parquet.close()
             self.parquet = None
 
-    def read_back(self) -> pd.DataFrame:
-        import pyarrow.parquet as pq
 
-        self.fh.seek(0)
-        if self.fmt == "parquet":
-            return pq.read_table(self.fh).to_pandas()
-        return read_csv_output(self.fh)
-
-
-def read_csv_output(fh) -> pd.DataFrame:
-    """A forecast CSV with the output's dtypes (empty reasons stay '')."""
+def read_csv_output(fh, chunksize: int | None = None):
+    """A forecast CSV with the output's dtypes (empty reasons stay ''); with ``chunksize`` an iterator of
+    DataFrames of that many rows."""
     return pd.read_csv(fh, dtype={"sensor_id": str, "model_version": str, "status": str, "reason": str},
-                       keep_default_na=False, na_values={"value": [""]}, parse_dates=["issued_at", "target_time"])
+                       keep_default_na=False, na_values={"value": [""]}, parse_dates=["issued_at", "target_time"],
+                       chunksize=chunksize)
 
 
 def write_table(df: pd.DataFrame, output: str | Path, fmt: str) -> None:

@@ -16,7 +16,15 @@ forecast.  Readings files also pass the great-expectations raw suite (on the usa
 
 Forecasts are computed in chunks of issue times (one progress line per chunk in logs) and
 streamed into a file that has no name yet (``stlink.scoring.output.unnamed_file``); the complete
-file is read back and validated, and only then linked in under its name.
+file is read back chunk by chunk (Parquet row groups) and validated with running checks
+(``stlink.scoring.output.OutputValidator``), and only then linked in under its name.
+
+Memory of a backfill (docs/benchmarks.md, "Backfill"): what grows with the whole range is the input
+stretch the windows read (T x N x C float32 plus a (T, N) mask; T = issue times + input_len - 1),
+the per-(issue time, sensor) verdicts (K x N small integers) and one row count per issue time in the
+validator; what grows with ``chunk_size`` is everything else: the windows (chunk_size x L x N x C,
+fed to onnxruntime ``batch_size`` at a time), the rows of one chunk (chunk_size x N x H) being
+written, and the rows of one row group being validated.  No step holds all windows or all rows.
 """
 from __future__ import annotations
 
@@ -37,7 +45,7 @@ from stlink.export.card import INPUT_NAMES, ModelCard, read_card
 from stlink.progress import progress as progress_meter
 from stlink.scoring.inputs import Windows, load_windows, ts_text
 from stlink.scoring.output import (OutputValidationError, RowWriter, check_output_location, forecast_rows,
-                                   unnamed_file, validate_output)
+                                   output_chunks, unnamed_file, validate_chunks)
 from stlink.scoring.session import OrtRunner, check_graph, make_session
 from stlink.scoring.status import NO_FORECAST, OK, SensorStatus, require_some_forecast, sensor_status
 
@@ -115,11 +123,22 @@ def batches(w: Windows, card: ModelCard, chunk_size: int, usable: np.ndarray | N
         yield idx, k, dict(zip(INPUT_NAMES, (x, m, tod[rows], dow[rows])))
 
 
+def run_batches(runner: Callable[[dict[str, np.ndarray]], np.ndarray], feed: dict[str, np.ndarray],
+                batch_size: int | None) -> np.ndarray:
+    """The forecasts of one chunk's feed (B windows), ``batch_size`` windows per onnxruntime call.  (B, H, N)"""
+    b = len(next(iter(feed.values())))
+    if not batch_size or batch_size >= b:
+        return runner(feed)
+    return np.concatenate([runner({k: v[a:a + batch_size] for k, v in feed.items()})
+                           for a in range(0, b, batch_size)])
+
+
 def forecast(model: str | Path, input: str | Path, output: str | Path, *, device: str = "auto",
              start: Any = None, end: Any = None, fmt: str = "parquet", model_version: str | None = None,
              source: str | None = None, data_cfg: DataConfig | None = None,
              validation: ValidationConfig | None = None, gx: bool = True, chunk_size: int = 256,
-             max_missing_run: int | None = None, io_binding: bool = True, progress: bool = True,
+             batch_size: int | None = None, max_missing_run: int | None = None, io_binding: bool = True,
+             progress: bool = True,
              on_chunk: Callable[[int, int], None] | None = None, session_options=None,
              interval_bands: dict[str, np.ndarray] | None = None, resume: bool = False) -> dict[str, Any]:
     """Score ``input`` with the ONNX ``model`` and write the forecast table to ``output``.
@@ -129,7 +148,9 @@ def forecast(model: str | Path, input: str | Path, output: str | Path, *, device
     ``validation``: bounds and the great-expectations settings (default: the sidecar's bounds);
     ``gx`` runs the raw suite on readings inputs.  ``max_missing_run``: longest accepted run of
     missing readings per sensor in a window (default ``input_len // 2``); longer ones are not
-    forecast (``status = no_forecast``).  ``on_chunk(i, rows)`` is called after each chunk is written.
+    forecast (``status = no_forecast``).  ``chunk_size``: issue times per chunk (a progress line, a part
+    file with ``resume``, a row group); ``batch_size``: windows per onnxruntime call inside a chunk
+    (``score.batch_size``; None = the whole chunk).  ``on_chunk(i, rows)`` is called after each chunk is written.
     ``session_options``: onnxruntime ``SessionOptions`` (threads; ``stlink.export.optimize``).
     ``interval_bands``: half-widths ``{"80": (H, N)}`` -> ``lower_80`` / ``upper_80`` columns
     (``stlink.monitoring.intervals.interval_bands``).  ``resume``: keep each finished chunk as a part
@@ -164,7 +185,8 @@ def forecast(model: str | Path, input: str | Path, output: str | Path, *, device
 
         parts = PartStore(output, {"model_sha256": sha256_file(model), "input": str(Path(input).resolve()),
                                    "issue_times": [ts_text(w.issue_times[0]), ts_text(w.issue_times[-1]), k],
-                                   "chunk_size": chunk_size, "model_version": version, "max_run": status.max_run,
+                                   "chunk_size": chunk_size, "batch_size": batch_size, "model_version": version,
+                                   "max_run": status.max_run,
                                    "bounds": validation.bounds, "intervals": sorted(interval_bands or {}),
                                    "fmt": fmt})
     with unnamed_file(output) as fh:
@@ -176,7 +198,7 @@ def forecast(model: str | Path, input: str | Path, output: str | Path, *, device
                     writer.write(parts.read(i))  # finished by an earlier, interrupted run
                     bar.update(len(idx) * n * h)
                     continue
-                y = runner(feed)                                                      # (B, H, N)
+                y = run_batches(runner, feed, batch_size)                              # (B, H, N)
                 table = forecast_rows(y, w.timestamps[idx], card.sensor_ids, card.freq, version, status.reasons(rows_k))
                 if interval_bands:
                     from stlink.monitoring.intervals import add_interval_columns
@@ -190,8 +212,8 @@ def forecast(model: str | Path, input: str | Path, output: str | Path, *, device
                 if on_chunk is not None:
                     on_chunk(i, writer.rows)
             writer.close()
-        counts = validate_output(writer.read_back(), sensor_ids=card.sensor_ids, horizon=h,
-                                 issue_times=w.issue_times, freq=card.freq,
+        counts = validate_chunks(output_chunks(fh, fmt, csv_rows=chunk_size * n * h), sensor_ids=card.sensor_ids,
+                                 horizon=h, issue_times=w.issue_times, freq=card.freq,
                                  bounds=validation.bounds.get(card.channels[0]), model_version=version,
                                  where=str(output))
     if parts is not None:
