@@ -536,3 +536,72 @@ def test_a_killed_backfill_resumes_from_its_last_chunk_without_duplicates(scored
     forecast(scored["onnx"], scored["folder"], whole, device="cpu", start=str(ts[-30]), chunk_size=4, progress=False)
     pd.testing.assert_frame_equal(df, pd.read_parquet(whole))
     assert files_in(out_dir) == ["f.parquet"]  # the parts are gone
+
+
+def test_output_validation_streams_one_row_group_at_a_time(scored, tmp_path, monkeypatch):
+    """Issue 10 item 5 (bounded memory): the backfill's output is read back for validation one Parquet row
+    group (one chunk of issue times) at a time, never as a whole table -- in ``forecast`` and in the flow's
+    write step, which streams several real chunk files into the output."""
+    from stlink.scoring import output as output_module
+
+    seen: list[int] = []
+    real = output_module.read_row_group
+
+    def spy(pf, i):
+        df = real(pf, i)
+        seen.append(len(df))
+        return df
+
+    monkeypatch.setattr(output_module, "read_row_group", spy)
+    ts = scored["data"].timestamps
+    out = tmp_path / "f.parquet"
+    rec = forecast(scored["onnx"], scored["folder"], out, device="cpu", start=str(ts[-30]), chunk_size=4,
+                   batch_size=3, progress=False)
+    per_chunk = 4 * N * H
+    assert rec["rows"] == 30 * N * H and len(seen) == 8                 # 30 issue times in chunks of 4
+    assert max(seen) == per_chunk and sum(seen) == rec["rows"]
+    # the flow's write step: three chunk files (real Parquet, written by the scorer) -> one output
+    params = tiny_params()
+    parts = []
+    for a, b in ((-30, -21), (-20, -11), (-10, -1)):
+        part = tmp_path / "chunks" / f"{a}.parquet"
+        forecast(scored["onnx"], scored["folder"], part, device="cpu", start=str(ts[a]), end=str(ts[b]), chunk_size=4,
+                 progress=False, model_version=rec["model_version"])
+        parts.append(str(part))
+    seen.clear()
+    whole = tmp_path / "whole.parquet"
+    rows = pipeline.forecast_write_step(params, scored["onnx"], parts, [str(t) for t in ts[-30:]],
+                                        rec["model_version"], whole, "parquet")
+    assert rows == 30 * N * H and len(seen) == 9 and max(seen) == per_chunk   # 3 + 3 + 3 row groups (4, 4, 2)
+    pd.testing.assert_frame_equal(pd.read_parquet(whole), pd.read_parquet(out))
+
+
+def test_chunked_validation_keeps_exactly_one_row_per_key_across_chunks():
+    """The running checks catch what a whole-table check catches, wherever the table is cut."""
+    from stlink.scoring import validate_chunks
+
+    issued = pd.date_range("2024-01-02 10:00", periods=3, freq=FREQ)
+    rows = pd.DataFrame({
+        "sensor_id": np.tile(np.repeat(["a", "b"], 2), 3), "issued_at": np.repeat(issued, 4),
+        "horizon_step": np.tile([1, 2], 6), "value": np.float32(50.0), "model_version": "v1", "status": "ok",
+        "reason": ""})
+    rows.insert(2, "target_time", rows["issued_at"] + rows["horizon_step"].to_numpy() * FREQ)
+    kwargs = dict(sensor_ids=["a", "b"], horizon=2, issue_times=issued.to_numpy(), freq=FREQ, bounds=[0.0, 120.0],
+                  model_version="v1", where="out.parquet")
+    for cuts in ([12], [4, 8, 12], [3, 6, 12], [1, 2, 5, 11, 12]):          # whole issue times or anywhere
+        edges = [0, *cuts]
+        assert validate_chunks([rows.iloc[a:b] for a, b in zip(edges, edges[1:])], **kwargs) == {"ok": 12,
+                                                                                                  "no_forecast": 0}
+    dup_next = pd.concat([rows.iloc[:6], rows.iloc[5:6], rows.iloc[6:]])   # a key twice, in adjacent chunks
+    with pytest.raises(OutputValidationError, match="1 duplicate"):
+        validate_chunks([dup_next.iloc[:6], dup_next.iloc[6:]], **kwargs)
+    later = pd.concat([rows.iloc[:8], rows.iloc[0:1]])                       # an issue time back after another
+    with pytest.raises(OutputValidationError, match="rows of issue time 2024-01-02 10:00:00 after rows of other"):
+        validate_chunks([later.iloc[:4], later.iloc[4:8], later.iloc[8:]], **kwargs)
+    with pytest.raises(OutputValidationError, match="11 rows, expected one per sensor x step x issue time"):
+        validate_chunks([rows.iloc[:4], rows.iloc[4:11]], **kwargs)
+    swapped = rows.copy()
+    swapped.loc[11, "horizon_step"] = 1                                       # a duplicate key + a missing one
+    swapped.loc[11, "target_time"] = swapped.loc[11, "issued_at"] + FREQ
+    with pytest.raises(OutputValidationError, match="duplicate"):
+        validate_chunks([swapped.iloc[:8], swapped.iloc[8:10], swapped.iloc[10:]], **kwargs)
