@@ -40,6 +40,13 @@ VARIANTS = {
     "patch6": ["model.patch_len=6"],
     "patch6_spatial_off": ["model.patch_len=6", "model.spatial_rope=off"],
     "stid": [],  # the learned reference, trained with the `reference` section like `stlink train` does
+    # configuration probes (docs/benchmarks.md, "What else was tried"); a variant's settings win over -S
+    "lora_mlp": ["model.lora_targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"],
+    "compose": ["model.spatial_rope=compose"],
+    "compose32": ["model.spatial_rope=compose", "model.spatial_dim=32"],
+    "dropout": ["model.dropout=0.1"],
+    "epochs11": ["train.epochs=11"],
+    "layers2": ["model.n_layers=2", "train.epochs=5"],  # same CPU budget as 1 layer x 8 epochs
 }
 BASELINES = ("last_value", "historical_average", "seasonal_naive")
 
@@ -53,7 +60,7 @@ def run_one(dataset: str, variant: str, extra: list[str], work: Path, tag: str =
     from stlink.training.reference import reference_params
     from stlink.training.train import train
 
-    params = load_params(ROOT / "params.yaml", DATASETS[dataset] + VARIANTS[variant] + extra)
+    params = load_params(ROOT / "params.yaml", DATASETS[dataset] + extra + VARIANTS[variant])
     if variant == "stid":
         params = reference_params(params)
     params.reference.model = "none"  # each variant alone; the reference is its own variant
