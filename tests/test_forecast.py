@@ -560,20 +560,20 @@ def test_output_validation_streams_one_row_group_at_a_time(scored, tmp_path, mon
     per_chunk = 4 * N * H
     assert rec["rows"] == 30 * N * H and len(seen) == 8                 # 30 issue times in chunks of 4
     assert max(seen) == per_chunk and sum(seen) == rec["rows"]
-    # the flow's write step: three chunk files (real Parquet, written by the scorer) -> one output
+    # the flow's chunk and write steps: three chunk files (real Parquet, by the scorer) -> one output
     params = tiny_params()
-    parts = []
-    for a, b in ((-30, -21), (-20, -11), (-10, -1)):
-        part = tmp_path / "chunks" / f"{a}.parquet"
-        forecast(scored["onnx"], scored["folder"], part, device="cpu", start=str(ts[a]), end=str(ts[b]), chunk_size=4,
-                 progress=False, model_version=rec["model_version"])
-        parts.append(str(part))
-    seen.clear()
     whole = tmp_path / "whole.parquet"
+    parts = [pipeline.forecast_chunk_step(params, scored["onnx"], str(ts[a]), str(ts[b]), input=scored["folder"],
+                                          device="cpu", model_version=rec["model_version"], output=whole)
+             for a, b in ((-30, -21), (-20, -11), (-10, -1))]
+    assert all(Path(p).parent == pipeline.forecast_chunk_dir(whole) for p in parts)
+    seen.clear()
     rows = pipeline.forecast_write_step(params, scored["onnx"], parts, [str(t) for t in ts[-30:]],
                                         rec["model_version"], whole, "parquet")
-    assert rows == 30 * N * H and len(seen) == 9 and max(seen) == per_chunk   # 3 + 3 + 3 row groups (4, 4, 2)
+    assert rows == 30 * N * H and len(seen) == 3 and max(seen) == 10 * N * H  # one row group per 10-issue-time chunk
     pd.testing.assert_frame_equal(pd.read_parquet(whole), pd.read_parquet(out))
+    pipeline.forecast_chunks_cleanup(params, whole)
+    assert files_in(tmp_path) == ["f.parquet", "whole.parquet"]
 
 
 def test_chunked_validation_keeps_exactly_one_row_per_key_across_chunks():
