@@ -34,6 +34,7 @@ VARIANTS = {
     "stlink": [],
     "spatial_off": ["model.spatial_rope=off"],
     "mrffn_off": ["model.mrffn=off"],
+    "mrffn_on": ["model.mrffn=on"],  # the default before MRFFN was demoted (docs/method.md)
     "node_off": ["model.node_embedding=none"],
     "level_off": ["model.level_features=false"],
     "random_backbone": ["model.pretrained=false"],
