@@ -1,4 +1,5 @@
 """Variants of the exported model (optimised graph, int8, fp16), their gates, and the scorer's session options."""
+import contextlib
 import json
 from pathlib import Path
 
@@ -56,6 +57,22 @@ def independent_mae(path, data, batch=32) -> float:
         count += int(m.sum())
     return err / count
 
+
+
+@contextlib.contextmanager
+def sqlite_store(tmp_path):
+    """MLflow tracking AND registry on a SQLite file in tmp_path, both restored afterwards (an earlier
+    test's ``stlink.tracking.store.configure`` leaves the registry URI on its own store)."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_registry_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
 
 def test_optimised_graph_is_fused_written_with_its_card_and_matches_pytorch(exported):
     rec, path = exported["records"]["opt"], variant_path(exported["path"], "opt")
@@ -206,9 +223,7 @@ def test_variants_are_tagged_and_stored_with_the_registered_version(exported, tm
     from stlink.export.optimize import log_variants
     from stlink.tracking.mlflow_log import log_onnx
 
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    try:
+    with sqlite_store(tmp_path):
         exp = mlflow.create_experiment("variants", artifact_location=str(tmp_path / "artifacts"))
         with mlflow.start_run(experiment_id=exp) as run:
             pass
@@ -225,8 +240,6 @@ def test_variants_are_tagged_and_stored_with_the_registered_version(exported, tm
             artifact_uri=client.get_model_version_download_uri("stlink-variants", mv.version), dst_path=str(tmp_path / "dl")))
         for name in ("model.int8.onnx", "model.int8.json", "model.opt.onnx", "model.opt.json"):
             assert (got / name).read_bytes() == (exported["path"].parent / name).read_bytes()
-    finally:
-        mlflow.set_tracking_uri(before)
 
 
 # --- score.variant: which exported file the scorer loads -------------------------------------------------------
@@ -294,9 +307,7 @@ def test_score_variant_of_a_registered_champion(exported, tmp_path, monkeypatch)
     from stlink.tracking.mlflow_log import log_onnx
 
     monkeypatch.chdir(tmp_path)  # the registry cache (mlruns/registry-cache) lands here
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    try:
+    with sqlite_store(tmp_path):
         exp = mlflow.create_experiment("variants", artifact_location=str(tmp_path / "artifacts"))
         with mlflow.start_run(experiment_id=exp) as run:
             pass
@@ -304,8 +315,6 @@ def test_score_variant_of_a_registered_champion(exported, tmp_path, monkeypatch)
         mv = log_onnx(run.info.run_id, exported["path"], registered_model="stlink-tiny", parity=card["parity"])
         log_variants(mv, exported["path"], exported["records"])
         mlflow.MlflowClient().set_registered_model_alias("stlink-tiny", "champion", mv.version)
-    finally:
-        mlflow.set_tracking_uri(before)
     uri = "models:/stlink-tiny@champion"
     m = pipeline.score_model_step(variant_params(uri, "int8", tmp_path))
     assert Path(m["path"]).name == "model.int8.onnx" and m["version"] == f"stlink-tiny/{mv.version}"
