@@ -74,6 +74,23 @@ def sqlite_store(tmp_path):
         mlflow.set_tracking_uri(before[0])
         mlflow.set_registry_uri(before[1])
 
+
+def register_with_variants(exported, tmp_path, name: str):
+    """Inside ``sqlite_store``: one run, the exported model.onnx registered as ``name`` with its
+    variants logged beside it (the export step's own functions); returns the model version."""
+    import mlflow
+
+    from stlink.export.optimize import log_variants
+    from stlink.tracking.mlflow_log import log_onnx
+
+    exp = mlflow.create_experiment("variants", artifact_location=str(tmp_path / "artifacts"))
+    with mlflow.start_run(experiment_id=exp) as run:
+        pass
+    card = json.loads(sidecar_path(exported["path"]).read_text())
+    mv = log_onnx(run.info.run_id, exported["path"], registered_model=name, parity=card["parity"])
+    log_variants(mv, exported["path"], exported["records"])
+    return mv
+
 def test_optimised_graph_is_fused_written_with_its_card_and_matches_pytorch(exported):
     rec, path = exported["records"]["opt"], variant_path(exported["path"], "opt")
     assert rec["passed"] is True and rec["file"] == "model.opt.onnx" and path.is_file()
@@ -220,16 +237,8 @@ def test_variants_are_tagged_and_stored_with_the_registered_version(exported, tm
     """A real SQLite MLflow store: the gate figures become version tags, the variant files travel with it."""
     import mlflow
 
-    from stlink.export.optimize import log_variants
-    from stlink.tracking.mlflow_log import log_onnx
-
     with sqlite_store(tmp_path):
-        exp = mlflow.create_experiment("variants", artifact_location=str(tmp_path / "artifacts"))
-        with mlflow.start_run(experiment_id=exp) as run:
-            pass
-        card = json.loads(sidecar_path(exported["path"]).read_text())
-        mv = log_onnx(run.info.run_id, exported["path"], registered_model="stlink-variants", parity=card["parity"])
-        log_variants(mv, exported["path"], exported["records"])
+        mv = register_with_variants(exported, tmp_path, "stlink-variants")
         client = mlflow.MlflowClient()
         tags = client.get_model_version("stlink-variants", mv.version).tags
         acc = exported["records"]["int8"]["accuracy"]
@@ -302,18 +311,12 @@ def test_score_variant_of_a_registered_champion(exported, tmp_path, monkeypatch)
     import mlflow
 
     from stlink import pipeline
-    from stlink.export.optimize import VariantError, log_variants
+    from stlink.export.optimize import VariantError
     from stlink.scoring import forecast
-    from stlink.tracking.mlflow_log import log_onnx
 
     monkeypatch.chdir(tmp_path)  # the registry cache (mlruns/registry-cache) lands here
     with sqlite_store(tmp_path):
-        exp = mlflow.create_experiment("variants", artifact_location=str(tmp_path / "artifacts"))
-        with mlflow.start_run(experiment_id=exp) as run:
-            pass
-        card = json.loads(sidecar_path(exported["path"]).read_text())
-        mv = log_onnx(run.info.run_id, exported["path"], registered_model="stlink-tiny", parity=card["parity"])
-        log_variants(mv, exported["path"], exported["records"])
+        mv = register_with_variants(exported, tmp_path, "stlink-tiny")
         mlflow.MlflowClient().set_registered_model_alias("stlink-tiny", "champion", mv.version)
     uri = "models:/stlink-tiny@champion"
     m = pipeline.score_model_step(variant_params(uri, "int8", tmp_path))
