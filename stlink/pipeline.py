@@ -190,14 +190,16 @@ def resolve_score_model(params: Params, model: str | None = None):
 def score_model_step(params: Params, model: str | None = None) -> dict[str, str]:
     """The model a scoring run uses: ``{"uri", "path", "version", "variant"}``; ``path`` is the ONNX file of
     ``score.variant`` (``model.onnx`` or ``model.<variant>.onnx`` beside it, ``VariantError`` when it was not
-    exported); ``version`` is the registry label (``stlink-<dataset>/3``) or, for a plain file, the card's
-    ``<file>@sha256:<12 hex>``."""
+    exported); ``version`` is the registry label (``stlink-<dataset>/3``, ``stlink-<dataset>/3+int8`` for a
+    variant other than fp32) or, for a plain file, the card's ``<file>@sha256:<12 hex>``."""
     from stlink.export.card import read_card
     from stlink.export.optimize import select_variant
 
     resolved = resolve_score_model(params, model)
     path = select_variant(resolved.path, params.score.variant, resolved.uri)
-    label = resolved.label if resolved.name else read_card(path).default_version
+    label = resolved.label if resolved.name else read_card(path).default_version  # a file's label names the variant file
+    if resolved.name and params.score.variant != "fp32":
+        label = f"{label}+{params.score.variant}"  # rows say which numbers they carry: stlink-<dataset>/3+int8
     return {"uri": resolved.uri, "path": str(path), "version": label, "variant": params.score.variant}
 
 

@@ -322,11 +322,17 @@ def test_score_variant_of_a_registered_champion(exported, tmp_path, monkeypatch)
         mlflow.MlflowClient().set_registered_model_alias("stlink-tiny", "champion", mv.version)
     uri = "models:/stlink-tiny@champion"
     m = pipeline.score_model_step(variant_params(uri, "int8", tmp_path))
-    assert Path(m["path"]).name == "model.int8.onnx" and m["version"] == f"stlink-tiny/{mv.version}"
+    assert Path(m["path"]).name == "model.int8.onnx" and m["version"] == f"stlink-tiny/{mv.version}+int8"
     assert Path(m["path"]).read_bytes() == variant_path(exported["path"], "int8").read_bytes()
     rec = forecast(m["path"], exported["folder"], tmp_path / "f.parquet", device="cpu", progress=False,
                    model_version=m["version"])
     assert rec["rows_ok"] == N * 12
+    # the realised-accuracy monitor compares int8 rows with the int8 gate's MAE (the version's tag)
+    from stlink.monitoring.monitor import reference_mae
+
+    with sqlite_store(tmp_path):
+        int8_mae = reference_mae(variant_params(uri, "int8", tmp_path), m["version"])
+        assert int8_mae == pytest.approx(exported["records"]["int8"]["accuracy"]["mae"], rel=1e-5)
     with pytest.raises(VariantError, match=r"score.variant=fp16: model models:/stlink-tiny@champion has no fp16 "
                                            r"variant .*export.fp16: true.*stlink export"):
         pipeline.score_model_step(variant_params(uri, "fp16", tmp_path))

@@ -176,7 +176,9 @@ def update_history(path: Path, rows: pd.DataFrame) -> pd.DataFrame:
 
 def reference_mae(params, model_version: str) -> float | None:
     """The test MAE of ``model_version`` (``stlink-<dataset>/<n>``) from its MLflow run
-    (``test.model.mae``), else the project's ``metrics/test.json``; None when neither exists."""
+    (``test.model.mae``), else the project's ``metrics/test.json``; None when neither exists.
+    A variant's rows (``stlink-<dataset>/<n>+int8``) compare with that variant's own gate MAE, the
+    version's ``int8.test_mae`` tag."""
     if "/" in model_version:
         try:
             from mlflow.tracking import MlflowClient
@@ -187,8 +189,10 @@ def reference_mae(params, model_version: str) -> float | None:
             configure(cfg)
             client = MlflowClient(tracking_uri(cfg), tracking_uri(cfg))
             name, version = model_version.rsplit("/", 1)
-            run_id = client.get_model_version(name, version).run_id
-            mae = client.get_run(run_id).data.metrics.get("test.model.mae")
+            version, _, variant = version.partition("+")
+            mv = client.get_model_version(name, version)
+            mae = (mv.tags.get(f"{variant}.test_mae") if variant else
+                   client.get_run(mv.run_id).data.metrics.get("test.model.mae"))
             if mae is not None:
                 return float(mae)
         except Exception as exc:  # noqa: BLE001 - a store without that version: fall back to the file
