@@ -48,6 +48,8 @@ VARIANTS = {
     "dropout": ["model.dropout=0.1"],
     "epochs11": ["train.epochs=11"],
     "layers2": ["model.n_layers=2", "train.epochs=5"],  # same CPU budget as 1 layer x 8 epochs
+    "tod16": ["model.tod_harmonics=16"],  # sharper time of day (rush-hour edges)
+    "tod_slots": ["model.time_of_day=embedding"],  # one learned vector per time-of-day slot, as STID
     "layers2_full": ["model.n_layers=2"],  # 2 layers for as many epochs as -S gives (about 1.8x the CPU)
     "lora_mlp_mrffn_off": ["model.lora_targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
                            "model.mrffn=off"],

@@ -88,6 +88,7 @@ class ModelConfig:
     pretrained: bool = True     # false: same architecture, random weights (the "no pretraining" ablation)
     patch_len: int = 12         # steps per token (12 = one token per sensor and window)
     time_of_day: str = "fourier"  # fourier | embedding | off ; read at each patch's LAST step
+    tod_harmonics: int = 6        # fourier: sin/cos of 1..K cycles per day
     day_of_week: str = "weekday_weekend"  # full | weekday_weekend | off (LOS-LOOP's test weekdays never occur in training)
     node_embedding: str = "free"  # free (learned vector per sensor) | laplacian (learned map of eigenvectors) | none
     node_eigvecs: int = 32      # Laplacian eigenvectors behind node_embedding=laplacian

@@ -375,6 +375,17 @@ def test_fourier_time_of_day_is_smooth_and_periodic():
     assert (f[3] - f[0]).abs().max() < 0.15                          # 5 minutes later: a small move
 
 
+def test_tod_harmonics_sets_the_fourier_resolution():
+    """model.tod_harmonics=K: sin/cos of 1..K cycles per day into the time-of-day map; K < 1 is refused."""
+    fine = _build(tod_harmonics=16)
+    assert fine.embed.calendar.tod.weight.shape[1] == 32
+    assert _build().embed.calendar.tod.weight.shape[1] == 12     # the default, 6 harmonics
+    with torch.no_grad():
+        assert torch.isfinite(fine(**_batch())).all()
+    with pytest.raises(ValueError, match="model.tod_harmonics must be >= 1"):
+        _build(tod_harmonics=0)
+
+
 def test_level_features_and_revin_switch_give_the_level_back():
     """With RevIN on and no level features, a window shifted by a constant is forecast shifted by the
     same constant (the model cannot see the level); level features or revin=false break that."""

@@ -28,7 +28,7 @@ from stlink.model.rotary import SpatialPhases, laplacian_eigenvectors, se_rope_c
 TIME_OF_DAY = {"fourier": "fourier", "embedding": "embedding", "off": "off", "on": "embedding"}
 DAY_OF_WEEK = {"full": "full", "weekday_weekend": "weekday_weekend", "off": "off", "on": "full"}
 NODE_EMBEDDING = ("free", "laplacian", "none")
-FOURIER_HARMONICS = 6  # sin/cos of 1..6 cycles per day
+FOURIER_HARMONICS = 6  # default model.tod_harmonics: sin/cos of 1..6 cycles per day
 
 
 def fourier_time(tod: torch.Tensor, harmonics: int = FOURIER_HARMONICS) -> torch.Tensor:
@@ -42,11 +42,14 @@ class CalendarEncoding(nn.Module):
     """Time of day (fourier -> linear | slot table | off) and day of week (7 rows | weekday/weekend | off),
     both read at each patch's LAST step (the most recent time the patch has seen)."""
 
-    def __init__(self, hidden: int, steps_per_day: int, init_std: float, time_of_day: str, day_of_week: str):
+    def __init__(self, hidden: int, steps_per_day: int, init_std: float, time_of_day: str, day_of_week: str,
+                 harmonics: int = FOURIER_HARMONICS):
         super().__init__()
+        if harmonics < 1:
+            raise ValueError(f"model.tod_harmonics must be >= 1, got {harmonics}")
         self.tod_mode, self.dow_mode = TIME_OF_DAY[time_of_day], DAY_OF_WEEK[day_of_week]
-        self.steps_per_day = steps_per_day
-        self.tod = {"fourier": lambda: nn.Linear(2 * FOURIER_HARMONICS, hidden, bias=False),
+        self.steps_per_day, self.harmonics = steps_per_day, harmonics
+        self.tod = {"fourier": lambda: nn.Linear(2 * harmonics, hidden, bias=False),
                     "embedding": lambda: nn.Embedding(steps_per_day, hidden), "off": lambda: None}[self.tod_mode]()
         self.dow = {"full": lambda: nn.Embedding(7, hidden), "weekday_weekend": lambda: nn.Embedding(2, hidden),
                     "off": lambda: None}[self.dow_mode]()
@@ -58,7 +61,7 @@ class CalendarEncoding(nn.Module):
         """tod, dow (B, P) at each patch's last step -> (B, P, D), or None when both are off."""
         out = None
         if self.tod_mode == "fourier":
-            out = self.tod(fourier_time(tod))                                               # (B, P, D)
+            out = self.tod(fourier_time(tod, self.harmonics))                               # (B, P, D)
         elif self.tod_mode == "embedding":
             slot = torch.remainder(torch.round(tod * self.steps_per_day).long(), self.steps_per_day)
             out = self.tod(slot)                                                            # (B, P, D)
@@ -95,14 +98,14 @@ class PatchEmbedding(nn.Module):
     (+ sensor identity and window level, added by the forecaster)."""
 
     def __init__(self, patch_len: int, n_channels: int, hidden: int, steps_per_day: int, init_std: float,
-                 time_of_day: str = "fourier", day_of_week: str = "weekday_weekend"):
+                 time_of_day: str = "fourier", day_of_week: str = "weekday_weekend", harmonics: int = FOURIER_HARMONICS):
         super().__init__()
         self.patch_len = patch_len
         self.steps_per_day = steps_per_day
         self.value = nn.Linear(patch_len * (n_channels + 1), hidden)
         nn.init.normal_(self.value.weight, std=init_std)
         nn.init.zeros_(self.value.bias)
-        self.calendar = CalendarEncoding(hidden, steps_per_day, init_std, time_of_day, day_of_week)
+        self.calendar = CalendarEncoding(hidden, steps_per_day, init_std, time_of_day, day_of_week, harmonics)
 
     def forward(self, xn: torch.Tensor, mask: torch.Tensor, tod: torch.Tensor, dow: torch.Tensor) -> torch.Tensor:
         """xn (B, L, N, C), mask (B, L, N), tod (B, L), dow (B, L) -> tokens (B, N, P, D)."""
@@ -170,7 +173,7 @@ class Forecaster(nn.Module):
         self.use_revin = mcfg.revin
         self.revin = RevIN(n_channels, mcfg.revin_affine and mcfg.revin)
         self.embed = PatchEmbedding(mcfg.patch_len, n_channels, hidden, steps_per_day, init_std,
-                                    mcfg.time_of_day, mcfg.day_of_week)
+                                    mcfg.time_of_day, mcfg.day_of_week, mcfg.tod_harmonics)
         self.identity = (SensorIdentity(mcfg.node_embedding, n_sensors, hidden, adjacency, mcfg.node_eigvecs, init_std)
                          if mcfg.node_embedding != "none" else None)
         self.level = nn.Linear(2 * n_channels, hidden) if mcfg.level_features else None
