@@ -106,6 +106,49 @@ def test_report_of_a_missing_forecast_fails_and_writes_nothing(project):
     assert not out.with_name("nothing.html").exists()
 
 
+def test_report_of_a_backfill_reads_the_latest_issue_time_one_row_group_at_a_time(project, monkeypatch):
+    """A backfill table (several issue times, one Parquet row group each, a later issue time whose rows all
+    failed): the report shows the latest issue time with ok rows and counts the issue times, and the table
+    is read one row group at a time, never whole; a CSV table in blocks gives the same rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stlink.monitoring import monitor
+
+    root, params, out, drift, ids = project
+    last = pd.read_parquet(out)
+    issued = last["issued_at"].iloc[0]
+    older = [last.assign(issued_at=issued - pd.Timedelta(minutes=5 * k), value=last["value"] - 10 * k,
+                         target_time=last["target_time"] - pd.Timedelta(minutes=5 * k)) for k in (3, 2, 1)]
+    failed = last.assign(issued_at=issued + pd.Timedelta(minutes=5), status="no_forecast", value=np.nan)
+    table = pd.concat([*older, last, failed], ignore_index=True)
+    with pq.ParquetWriter(out, pa.Table.from_pandas(table, preserve_index=False).schema) as w:
+        for part in (*older, last, failed):
+            w.write_table(pa.Table.from_pandas(part.reset_index(drop=True), preserve_index=False))
+    sizes = []
+    real = pq.ParquetFile.read_row_group
+    with monkeypatch.context() as mp:
+        mp.setattr(pq.ParquetFile, "read_row_group",
+                   lambda self, i, *a, **k: sizes.append(self.metadata.row_group(i).num_rows) or real(self, i, *a, **k))
+        real_read = pd.read_parquet
+        mp.setattr(pd, "read_parquet", lambda path, *a, **k: pytest.fail("the whole forecast table was read")
+                   if Path(path).resolve() == out.resolve() else real_read(path, *a, **k))
+        rows, n = monitor.read_latest_forecast(out)
+        assert n == 4 and set(rows["issued_at"]) == {issued} and len(rows) == len(ids) * 12
+        assert sizes and max(sizes) == len(ids) * 12                              # one row group at a time
+        mp.setattr(monitor, "FORECAST_BLOCK_ROWS", 7)
+        table.to_csv(out.with_suffix(".csv"), index=False)
+        csv_rows, csv_n = monitor.read_latest_forecast(out.with_suffix(".csv"))
+        mp.setattr(monitor, "FORECAST_BLOCK_ROWS", 500_000)
+        text = report_step(params, out, drift=drift, log_mlflow=False).read_text()   # the page reads it the same way
+    assert csv_n == 4 and len(csv_rows) == len(rows)
+    np.testing.assert_allclose(csv_rows.sort_values(["sensor_id", "horizon_step"])["value"],
+                               rows.sort_values(["sensor_id", "horizon_step"])["value"])
+    assert f"{len(ids)} sensors, 4 issue time(s)" in text and f"forecast issued {issued}" in text
+    m = re.search(r'"marker":\{"color":\{"dtype":"f8","bdata":"([^"]+)"', text)    # still the latest forecast
+    assert m and np.frombuffer(base64.b64decode(m.group(1)), "<f8").tolist() == [67.0] * len(ids)
+
+
 def chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if path := shutil.which(name):

@@ -48,6 +48,56 @@ def read_forecast(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise MonitoringError(f"{path}: no forecast table; run `stlink forecast` first")
     df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype={"sensor_id": str})
+    return _forecast_frame(df, path)
+
+
+FORECAST_BLOCK_ROWS = 500_000  # CSV rows per block when a forecast table is streamed
+
+
+def _forecast_blocks(path: Path, columns: list[str] | None = None):
+    """The table in pieces: one Parquet row group (or ``FORECAST_BLOCK_ROWS`` CSV rows) at a time."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        cols = None if columns is None else [c for c in columns if c in pf.schema_arrow.names]
+        for i in range(pf.num_row_groups):
+            yield pf.read_row_group(i, columns=cols).to_pandas()
+    else:
+        head = pd.read_csv(path, nrows=0).columns
+        cols = None if columns is None else [c for c in columns if c in head]
+        yield from pd.read_csv(path, usecols=cols, dtype={"sensor_id": str}, chunksize=FORECAST_BLOCK_ROWS)
+
+
+def read_latest_forecast(path: str | Path) -> tuple[pd.DataFrame, int]:
+    """The rows (status ok) of the latest issue time of a forecast table, and how many issue times
+    the table holds, reading it one block at a time: a 30-day backfill is never loaded whole.
+
+    Returns (rows of the latest issue time, number of issue times with an ok row)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MonitoringError(f"{path}: no forecast table; run `stlink forecast` first")
+    issued: set = set()
+    for block in _forecast_blocks(path, ["issued_at", "status"]):           # pass 1: the issue times
+        if "issued_at" not in block.columns:
+            raise MonitoringError(f"{path}: not a forecast table, missing column(s) ['issued_at']")
+        if "status" in block.columns:
+            block = block[block["status"].fillna("ok") == "ok"]
+        issued.update(pd.to_datetime(block["issued_at"]).unique())
+    if not issued:
+        raise MonitoringError(f"{path}: no forecast row with status ok to report")
+    latest = max(issued)
+    parts = []
+    for block in _forecast_blocks(path):                                    # pass 2: its rows only
+        block = block[pd.to_datetime(block["issued_at"]) == latest]
+        if "status" in block.columns:
+            block = block[block["status"].fillna("ok") == "ok"]
+        if len(block):
+            parts.append(block)
+    return _forecast_frame(pd.concat(parts, ignore_index=True), path), len(issued)
+
+
+def _forecast_frame(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     missing = [c for c in ("sensor_id", "issued_at", "target_time", "horizon_step", "value") if c not in df.columns]
     if missing:
         raise MonitoringError(f"{path}: not a forecast table, missing column(s) {missing}")

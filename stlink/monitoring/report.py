@@ -24,7 +24,7 @@ import pandas as pd
 
 from stlink.monitoring import MonitoringError
 from stlink.monitoring.drift import write_text_atomic
-from stlink.monitoring.monitor import day_summary, interval_keys, read_forecast
+from stlink.monitoring.monitor import day_summary, interval_keys, read_latest_forecast
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +136,9 @@ def accuracy_figure(history: pd.DataFrame, days: int):
 
 def build_report(params, forecast: Path, raw_dir: Path | None, drift: dict[str, Any] | None,
                  history: pd.DataFrame | None) -> str:
-    """The report page as one HTML string."""
-    fc = read_forecast(forecast)
-    if "status" in fc.columns:
-        fc = fc[fc["status"].fillna("ok") == "ok"]
-    if fc.empty:
-        raise MonitoringError(f"{forecast}: no forecast row with status ok to report")
+    """The report page as one HTML string.  It shows the latest issue time, and only that issue
+    time's rows are read (``read_latest_forecast``), so a long backfill's table is never loaded whole."""
+    fc, n_issued = read_latest_forecast(forecast)
     unit = params.data.units[0] if params.data.units else ""
     sensor_ids = sorted(fc["sensor_id"].unique())
     xy, edges = sensor_layout(raw_dir, sensor_ids)
@@ -152,7 +149,7 @@ def build_report(params, forecast: Path, raw_dir: Path | None, drift: dict[str, 
     actuals = recent_actuals(raw_dir, chosen, params.data.channels[0], params.data.null_value,
                              fc["target_time"].max(), spd_span + (fc["target_time"].max() - issued))
     parts = [f"<h1 id='title'>{html.escape(params.data.dataset)}: forecast issued {issued}</h1>",
-             f"<p id='summary'>{fc['sensor_id'].nunique()} sensors, {fc['issued_at'].nunique()} issue time(s), "
+             f"<p id='summary'>{fc['sensor_id'].nunique()} sensors, {n_issued} issue time(s), "
              f"horizon {int(fc['horizon_step'].max())} steps, model {html.escape(str(fc['model_version'].iloc[0]))}; "
              f"intervals: {', '.join(k + '%' for k in interval_keys(list(fc.columns))) or 'none'}</p>",
              "<section id='map'><h2>Sensor map</h2>",
