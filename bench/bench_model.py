@@ -50,6 +50,10 @@ VARIANTS = {
     "layers2": ["model.n_layers=2", "train.epochs=5"],  # same CPU budget as 1 layer x 8 epochs
     "tod16": ["model.tod_harmonics=16"],  # sharper time of day (rush-hour edges)
     "tod_slots": ["model.time_of_day=embedding"],  # one learned vector per time-of-day slot, as STID
+    "wd01": ["train.weight_decay=0.01"],  # 100x the weight decay (regularising the five training days)
+    "bs8": ["train.batch_size=8"],  # twice the optimizer steps per epoch
+    "rank16": ["model.lora_rank=16", "model.lora_alpha=32"],  # twice the LoRA rank, same scale
+    "laplacian_id": ["model.node_embedding=laplacian"],  # sensor identity from 32 Laplacian eigenvectors
     "layers2_full": ["model.n_layers=2"],  # 2 layers for as many epochs as -S gives (about 1.8x the CPU)
     "lora_mlp_mrffn_off": ["model.lora_targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
                            "model.mrffn=off"],
