@@ -58,7 +58,6 @@ def independent_mae(path, data, batch=32) -> float:
     return err / count
 
 
-
 @contextlib.contextmanager
 def sqlite_store(tmp_path):
     """MLflow tracking AND registry on a SQLite file in tmp_path, both restored afterwards (an earlier
@@ -90,6 +89,7 @@ def register_with_variants(exported, tmp_path, name: str):
     mv = log_onnx(run.info.run_id, exported["path"], registered_model=name, parity=card["parity"])
     log_variants(mv, exported["path"], exported["records"])
     return mv
+
 
 def test_optimised_graph_is_fused_written_with_its_card_and_matches_pytorch(exported):
     rec, path = exported["records"]["opt"], variant_path(exported["path"], "opt")

@@ -43,10 +43,20 @@ def monitor_dir(report_dir: Path) -> Path:
 
 # --- 1. the archive of issued forecasts ------------------------------------------------------------
 
-def read_forecast(path: str | Path) -> pd.DataFrame:
+def _existing_forecast(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise MonitoringError(f"{path}: no forecast table; run `stlink forecast` first")
+    return path
+
+
+def _ok_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows with status ok (all of them when the table has no status column)."""
+    return df[df["status"].fillna("ok") == "ok"] if "status" in df.columns else df
+
+
+def read_forecast(path: str | Path) -> pd.DataFrame:
+    path = _existing_forecast(path)
     df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype={"sensor_id": str})
     return _forecast_frame(df, path)
 
@@ -74,24 +84,18 @@ def read_latest_forecast(path: str | Path) -> tuple[pd.DataFrame, int]:
     the table holds, reading it one block at a time: a 30-day backfill is never loaded whole.
 
     Returns (rows of the latest issue time, number of issue times with an ok row)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MonitoringError(f"{path}: no forecast table; run `stlink forecast` first")
+    path = _existing_forecast(path)
     issued: set = set()
     for block in _forecast_blocks(path, ["issued_at", "status"]):           # pass 1: the issue times
         if "issued_at" not in block.columns:
             raise MonitoringError(f"{path}: not a forecast table, missing column(s) ['issued_at']")
-        if "status" in block.columns:
-            block = block[block["status"].fillna("ok") == "ok"]
-        issued.update(pd.to_datetime(block["issued_at"]).unique())
+        issued.update(pd.to_datetime(_ok_rows(block)["issued_at"]).unique())
     if not issued:
         raise MonitoringError(f"{path}: no forecast row with status ok to report")
     latest = max(issued)
     parts = []
     for block in _forecast_blocks(path):                                    # pass 2: its rows only
-        block = block[pd.to_datetime(block["issued_at"]) == latest]
-        if "status" in block.columns:
-            block = block[block["status"].fillna("ok") == "ok"]
+        block = _ok_rows(block[pd.to_datetime(block["issued_at"]) == latest])
         if len(block):
             parts.append(block)
     return _forecast_frame(pd.concat(parts, ignore_index=True), path), len(issued)
@@ -160,9 +164,7 @@ def join_actuals(forecasts: pd.DataFrame, actuals: pd.DataFrame, where: str = "a
     """Forecast rows (status ok, value present) with an actual reading at their target time.
 
     Raises ``MonitoringError`` when no forecast target has a valid actual reading yet."""
-    f = forecasts
-    if "status" in f.columns:
-        f = f[f["status"].fillna("ok") == "ok"]
+    f = _ok_rows(forecasts)
     f = f[np.isfinite(f["value"].astype(np.float64))]
     joined = f.merge(actuals, on=["sensor_id", "target_time"], how="inner")
     joined = joined[np.isfinite(joined["actual"])]

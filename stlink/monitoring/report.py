@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stlink.monitoring import MonitoringError
 from stlink.monitoring.drift import write_text_atomic
 from stlink.monitoring.monitor import day_summary, interval_keys, read_latest_forecast
 
