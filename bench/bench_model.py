@@ -38,6 +38,8 @@ VARIANTS = {
     "node_off": ["model.node_embedding=none"],
     "level_off": ["model.level_features=false"],
     "random_backbone": ["model.pretrained=false"],
+    "graph": ["model.graph_features=diffusion"],  # neighbours' readings on each token (probe)
+    "graph_rope_off": ["model.graph_features=diffusion", "model.spatial_rope=off"],
     "patch6": ["model.patch_len=6"],
     "patch6_spatial_off": ["model.patch_len=6", "model.spatial_rope=off"],
     "stid": [],  # the learned reference, trained with the `reference` section like `stlink train` does

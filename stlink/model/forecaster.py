@@ -28,6 +28,7 @@ from stlink.model.rotary import SpatialPhases, laplacian_eigenvectors, se_rope_c
 TIME_OF_DAY = {"fourier": "fourier", "embedding": "embedding", "off": "off", "on": "embedding"}
 DAY_OF_WEEK = {"full": "full", "weekday_weekend": "weekday_weekend", "off": "off", "on": "full"}
 NODE_EMBEDDING = ("free", "laplacian", "none")
+GRAPH_FEATURES = ("diffusion", "off")
 FOURIER_HARMONICS = 6  # default model.tod_harmonics: sin/cos of 1..6 cycles per day
 
 
@@ -119,6 +120,53 @@ class PatchEmbedding(nn.Module):
         return tokens if cal is None else tokens + cal[:, None]                  # (B, N, P, D)
 
 
+def transition_matrices(adjacency: np.ndarray, hops: int) -> np.ndarray:
+    """Row-normalised road-graph transitions, (2 * hops, N, N): downstream^1..hops, then upstream^1..hops.
+
+    Self-loops are dropped, so row n averages sensor n's neighbours only (DCRNN's D_O^-1 A and
+    D_I^-1 A^T, kept apart because a queue travels against the traffic).  A sensor without
+    neighbours in a direction gets a zero row.
+    """
+    a = np.asarray(adjacency, dtype=np.float64).copy()
+    np.fill_diagonal(a, 0.0)
+    out = []
+    for m in (a, a.T):
+        deg = m.sum(axis=1, keepdims=True)
+        step = np.divide(m, deg, out=np.zeros_like(m), where=deg > 0)   # (N, N), rows sum to 1 or 0
+        power = np.eye(len(a))
+        for _ in range(hops):
+            power = power @ step
+            out.append(power)
+    return np.stack(out).astype(np.float32)
+
+
+class NeighbourFeatures(nn.Module):
+    """What the road graph says around each sensor: the masked average of its neighbours' z-scored
+    readings, 1..hops steps downstream and upstream, per input step, projected onto its tokens."""
+
+    def __init__(self, adjacency: np.ndarray, hops: int, patch_len: int, n_channels: int, hidden: int, init_std: float):
+        super().__init__()
+        if hops < 1:
+            raise ValueError(f"model.graph_hops must be >= 1, got {hops}")
+        self.register_buffer("trans", torch.as_tensor(transition_matrices(adjacency, hops)))  # (K, N, N)
+        self.patch_len = patch_len
+        self.proj = nn.Linear(patch_len * self.trans.shape[0] * n_channels, hidden, bias=False)
+        nn.init.normal_(self.proj.weight, std=init_std)
+
+    def forward(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """z (B, L, N, C) z-scored, mask (B, L, N) -> (B, N, P, D)."""
+        b, l, n, c = z.shape
+        m = mask.to(z.dtype)                                                    # (B, L, N)
+        vals = (z * m[..., None]).permute(0, 2, 1, 3).reshape(b, 1, n, l * c)   # (B, 1, N, L*C)
+        trans = self.trans.to(z.dtype)
+        num = (trans @ vals).reshape(b, -1, n, l, c)                            # (B, K, N, L, C)
+        den = (trans @ m.transpose(1, 2)[:, None])[..., None]                   # (B, K, N, L, 1)
+        avg = torch.where(den > 1e-6, num / den.clamp(min=1e-6), torch.zeros_like(num))  # (B, K, N, L, C)
+        p = l // self.patch_len
+        feats = avg.permute(0, 2, 3, 1, 4).reshape(b, n, p, -1)                 # (B, N, P, pl*K*C)
+        return self.proj(feats)                                                 # (B, N, P, D)
+
+
 def level_features(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """RevIN statistics (B, 1, N, C) in z-score units -> (B, N, 2C): window mean and log std."""
     return torch.cat([mean[:, 0], std[:, 0].clamp(min=1e-3).log()], dim=-1)
@@ -176,6 +224,8 @@ class Forecaster(nn.Module):
                                     mcfg.time_of_day, mcfg.day_of_week, mcfg.tod_harmonics)
         self.identity = (SensorIdentity(mcfg.node_embedding, n_sensors, hidden, adjacency, mcfg.node_eigvecs, init_std)
                          if mcfg.node_embedding != "none" else None)
+        self.graph = (NeighbourFeatures(adjacency, mcfg.graph_hops, mcfg.patch_len, n_channels, hidden, init_std)
+                      if mcfg.graph_features == "diffusion" else None)
         self.level = nn.Linear(2 * n_channels, hidden) if mcfg.level_features else None
         if self.level is not None:
             nn.init.normal_(self.level.weight, std=init_std)
@@ -227,6 +277,8 @@ class Forecaster(nn.Module):
             tokens = tokens + self.identity()[None, :, None]              # (B, N, P, D)
         if self.level is not None:
             tokens = tokens + self.level(level_features(mean, std))[:, :, None]  # (B, N, P, D)
+        if self.graph is not None:
+            tokens = tokens + self.graph(z, x_mask)                        # (B, N, P, D)
         h = tokens.reshape(b, n * self.n_patches, -1)                      # (B, N*P, D)
         cos, sin = self.rope_tables(n)                                     # (1, N*P, head_dim), float32
         query = plain[..., 0] if self.mrffn_query == "revin" else z[..., 0]  # (B, L, N)
@@ -253,6 +305,8 @@ def _check(mcfg: ModelConfig, n_sensors: int, input_len: int, adjacency: np.ndar
         raise ValueError(f"model.day_of_week must be one of full | weekday_weekend | off, got {mcfg.day_of_week!r}")
     if mcfg.node_embedding not in NODE_EMBEDDING:
         raise ValueError(f"model.node_embedding must be one of {' | '.join(NODE_EMBEDDING)}, got {mcfg.node_embedding!r}")
+    if mcfg.graph_features not in GRAPH_FEATURES:
+        raise ValueError(f"model.graph_features must be one of {' | '.join(GRAPH_FEATURES)}, got {mcfg.graph_features!r}")
     if mcfg.mrffn_query not in ("zscore", "revin"):
         raise ValueError(f"model.mrffn_query must be 'zscore' or 'revin', got {mcfg.mrffn_query!r}")
     if mcfg.mrffn not in ("on", "off"):
