@@ -39,6 +39,8 @@ VARIANTS = {
     "level_off": ["model.level_features=false"],
     "random_backbone": ["model.pretrained=false"],
     "graph": ["model.graph_features=diffusion"],  # neighbours' readings on each token (probe)
+    "graph_bias": ["model.graph_bias=hops"],  # learned attention bias per head and hop distance (probe)
+    "graph_both": ["model.graph_features=diffusion", "model.graph_bias=hops"],
     "graph_rope_off": ["model.graph_features=diffusion", "model.spatial_rope=off"],
     "patch6": ["model.patch_len=6"],
     "patch6_spatial_off": ["model.patch_len=6", "model.spatial_rope=off"],

@@ -93,6 +93,7 @@ class ModelConfig:
     node_embedding: str = "free"  # free (learned vector per sensor) | laplacian (learned map of eigenvectors) | none
     node_eigvecs: int = 32      # Laplacian eigenvectors behind node_embedding=laplacian
     graph_features: str = "off"  # diffusion (neighbours' readings, downstream and upstream, on each token) | off
+    graph_bias: str = "off"     # hops: a learned attention bias per head and hop distance on the road graph | off
     graph_hops: int = 2         # diffusion: 1..hops steps along the road graph, each direction
     level_features: bool = True  # give the window mean and log std that RevIN removes back to the tokens
     revin: bool = True          # false: tokens see the global z-scored window (the level stays in the values)

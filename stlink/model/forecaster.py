@@ -29,6 +29,7 @@ TIME_OF_DAY = {"fourier": "fourier", "embedding": "embedding", "off": "off", "on
 DAY_OF_WEEK = {"full": "full", "weekday_weekend": "weekday_weekend", "off": "off", "on": "full"}
 NODE_EMBEDDING = ("free", "laplacian", "none")
 GRAPH_FEATURES = ("diffusion", "off")
+GRAPH_BIAS = ("hops", "off")
 FOURIER_HARMONICS = 6  # default model.tod_harmonics: sin/cos of 1..6 cycles per day
 
 
@@ -167,6 +168,42 @@ class NeighbourFeatures(nn.Module):
         return self.proj(feats)                                                 # (B, N, P, D)
 
 
+def hop_buckets(adjacency: np.ndarray, hops: int) -> np.ndarray:
+    """(N, N) int64 bucket of each (query sensor, key sensor) pair: 0 itself, 1..hops the key is that many
+    edges downstream, hops+1..2*hops that many upstream, 2*hops+1 farther (or unreachable)."""
+    a = np.asarray(adjacency) > 0                                         # (N, N) edges, a copy
+    n = len(a)
+    np.fill_diagonal(a, False)
+    down = np.full((n, n), np.iinfo(np.int64).max)
+    reach = np.eye(n, dtype=bool)
+    for k in range(1, hops + 1):
+        reach = (reach.astype(np.int64) @ a.astype(np.int64)) > 0        # (N, N) walks of exactly k edges
+        down = np.where(reach & (down > k), k, down)
+    out = np.full((n, n), 2 * hops + 1, dtype=np.int64)
+    up = down.T
+    out = np.where(up <= hops, hops + up, out)
+    out = np.where(down <= hops, down, out)                               # downstream wins on a two-way edge
+    np.fill_diagonal(out, 0)
+    return out
+
+
+class GraphAttentionBias(nn.Module):
+    """A learned additive attention bias per head and road-graph hop bucket (zero at init)."""
+
+    def __init__(self, adjacency: np.ndarray, hops: int, n_heads: int):
+        super().__init__()
+        if hops < 1:
+            raise ValueError(f"model.graph_hops must be >= 1, got {hops}")
+        self.register_buffer("bucket", torch.as_tensor(hop_buckets(adjacency, hops)))     # (N, N)
+        self.table = nn.Parameter(torch.zeros(2 * hops + 2, n_heads))                     # (buckets, H)
+
+    def forward(self, n_patches: int) -> torch.Tensor:
+        """(1, H, N*P, N*P) in sensor-major token order."""
+        bias = self.table[self.bucket].permute(2, 0, 1)                                   # (H, N, N)
+        bias = bias.repeat_interleave(n_patches, dim=1).repeat_interleave(n_patches, dim=2)
+        return bias[None]
+
+
 def level_features(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """RevIN statistics (B, 1, N, C) in z-score units -> (B, N, 2C): window mean and log std."""
     return torch.cat([mean[:, 0], std[:, 0].clamp(min=1e-3).log()], dim=-1)
@@ -190,12 +227,14 @@ class DecoderStack(nn.Module):
         for layer in layers:
             layer.self_attn.is_causal = False  # sdpa/flash fall back to this flag when no mask is given
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, reads: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, reads: list[torch.Tensor],
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """bias: an additive attention bias (1, H, T, T) or None."""
         first_read = len(self.layers) - len(reads)
         for i, layer in enumerate(self.layers):
             if i >= first_read and self.place == "input":
                 h = h + reads[i - first_read]
-            h = layer(h, attention_mask=None, position_embeddings=(cos, sin), is_causal=False)  # (B, T, D)
+            h = layer(h, attention_mask=bias, position_embeddings=(cos, sin), is_causal=False)  # (B, T, D)
             if i >= first_read and self.place == "output":
                 h = h + reads[i - first_read]
         return h
@@ -226,6 +265,8 @@ class Forecaster(nn.Module):
                          if mcfg.node_embedding != "none" else None)
         self.graph = (NeighbourFeatures(adjacency, mcfg.graph_hops, mcfg.patch_len, n_channels, hidden, init_std)
                       if mcfg.graph_features == "diffusion" else None)
+        self.attn_bias = (GraphAttentionBias(adjacency, mcfg.graph_hops, config.num_attention_heads)
+                          if mcfg.graph_bias == "hops" else None)
         self.level = nn.Linear(2 * n_channels, hidden) if mcfg.level_features else None
         if self.level is not None:
             nn.init.normal_(self.level.weight, std=init_std)
@@ -283,7 +324,8 @@ class Forecaster(nn.Module):
         cos, sin = self.rope_tables(n)                                     # (1, N*P, head_dim), float32
         query = plain[..., 0] if self.mrffn_query == "revin" else z[..., 0]  # (B, L, N)
         reads = [r.to(h.dtype) for r in self.memory_reads(query)]
-        h = self.backbone(self.drop(h), cos.to(h.dtype), sin.to(h.dtype), reads)  # (B, N*P, D)
+        bias = None if self.attn_bias is None else self.attn_bias(self.n_patches).to(h.dtype)  # (1, H, T, T)
+        h = self.backbone(self.drop(h), cos.to(h.dtype), sin.to(h.dtype), reads, bias)  # (B, N*P, D)
         h = self.drop(self.norm(h)).reshape(b, n, -1)                      # (B, N, P*D)
         y = self.head(h).transpose(1, 2)                                   # (B, H, N)
         if self.use_revin:
@@ -307,6 +349,8 @@ def _check(mcfg: ModelConfig, n_sensors: int, input_len: int, adjacency: np.ndar
         raise ValueError(f"model.node_embedding must be one of {' | '.join(NODE_EMBEDDING)}, got {mcfg.node_embedding!r}")
     if mcfg.graph_features not in GRAPH_FEATURES:
         raise ValueError(f"model.graph_features must be one of {' | '.join(GRAPH_FEATURES)}, got {mcfg.graph_features!r}")
+    if mcfg.graph_bias not in GRAPH_BIAS:
+        raise ValueError(f"model.graph_bias must be one of {' | '.join(GRAPH_BIAS)}, got {mcfg.graph_bias!r}")
     if mcfg.mrffn_query not in ("zscore", "revin"):
         raise ValueError(f"model.mrffn_query must be 'zscore' or 'revin', got {mcfg.mrffn_query!r}")
     if mcfg.mrffn not in ("on", "off"):
