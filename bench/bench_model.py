@@ -41,6 +41,9 @@ VARIANTS = {
     "graph": ["model.graph_features=diffusion"],  # neighbours' readings on each token (probe)
     "graph_bias": ["model.graph_bias=hops"],  # learned attention bias per head and hop distance (probe)
     "graph_both": ["model.graph_features=diffusion", "model.graph_bias=hops"],
+    "mask10": ["train.input_mask_rate=0.1"],  # augmentation: hide 10 % of the input readings (probe)
+    "lr_high": ["train.lr=0.005", "train.lora_lr=0.002"],
+    "lr_low": ["train.lr=0.002", "train.lora_lr=0.0005"],
     "graph_rope_off": ["model.graph_features=diffusion", "model.spatial_rope=off"],
     "patch6": ["model.patch_len=6"],
     "patch6_spatial_off": ["model.patch_len=6", "model.spatial_rope=off"],

@@ -127,6 +127,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     grad_clip: float = 1.0
+    input_mask_rate: float = 0.0  # augmentation: hide this share of the valid input readings in each training batch
     patience: int = 3
     seed: int = 42
     max_train_batches: int | None = None  # cap batches per epoch (CPU budget); None = all

@@ -113,14 +113,17 @@ def _load_pretrained(source: str, n_layers: int):
     total = getattr(config, "num_hidden_layers", None)
     if total is None or n_layers > total:
         raise BackboneError(f"{source}: model.n_layers={n_layers} but the model has {total} decoder layers")
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the load report lists the dropped layers as "unexpected"
+    hf_logging.disable_progress_bar()  # a redrawn "Loading weights" bar in every log file
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             source, num_hidden_layers=n_layers, dtype=torch.float32, output_loading_info=True,
             local_files_only=local)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     log.info("%s: kept %d of %d decoder layers", source, n_layers, total)
     missing = [k for k in info["missing_keys"] if ".layers." in k]
     if missing:

@@ -107,6 +107,15 @@ def masked_mae_loss(yhat: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> 
     return (err * m).sum() / m.sum().clamp(min=1.0)
 
 
+def hide_readings(batch: dict[str, torch.Tensor], rate: float) -> dict[str, torch.Tensor]:
+    """Augmentation: mark a random ``rate`` share of the input readings missing (x_mask (B, L, N));
+    the model ignores what the mask hides, so this is what a flaky sensor looks like.  Targets stay."""
+    if rate <= 0.0:
+        return batch
+    keep = torch.rand(batch["x_mask"].shape, device=batch["x_mask"].device) >= rate   # (B, L, N)
+    return {**batch, "x_mask": batch["x_mask"] & keep}
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
                    lora_lr: float | None = None) -> torch.optim.AdamW:
     """AdamW over trainable parameters; decay on matrices only; LoRA matrices at ``lora_lr`` (None: lr)."""
@@ -428,7 +437,7 @@ def _train_epoch(model, optimizer, scheduler, loader, accelerator, tc, epoch: in
         if i >= n_batches:  # the step budget (train.max_steps) ends inside this epoch
             break
         with accelerator.autocast():
-            yhat = forward(model, batch)
+            yhat = forward(model, hide_readings(batch, tc.input_mask_rate))
         loss = masked_mae_loss(yhat, batch["y"], batch["y_mask"])
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
