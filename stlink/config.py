@@ -317,6 +317,8 @@ CHOICES: dict[str, tuple[str, ...]] = {  # params whose value is one of a few wo
     "model.mrffn": ("on", "off"),
     "validation.sparse_sensors": ("drop", "fail"),
     "train.device": ("auto", "cpu", "cuda"),
+    "model.graph_features": ("diffusion", "off"),
+    "model.graph_bias": ("hops", "off"),
     "score.device": ("auto", "cuda", "cpu"),
     "score.format": ("parquet", "csv"),
     "score.variant": ("fp32", "opt", "int8", "fp16"),
@@ -339,7 +341,10 @@ def check_params(params: Params) -> Params:
     for key, choices in CHOICES.items():
         if get(key) not in choices:
             raise ConfigError(f"{key}={get(key)!r}: one of {', '.join(choices)}")
-    for key in ("prepare.input_len", "prepare.output_len", "model.patch_len", "model.n_layers", "train.batch_size",
+    if not 0.0 <= params.train.input_mask_rate < 1.0:
+        raise ConfigError(f"train.input_mask_rate={params.train.input_mask_rate!r}: must be in [0, 1)")
+    for key in ("prepare.input_len", "prepare.output_len", "model.patch_len", "model.n_layers", "model.graph_hops",
+                "train.batch_size",
                 "evaluate.batch_size", "score.batch_size"):
         if get(key) < 1:
             raise ConfigError(f"{key}={get(key)!r}: must be at least 1")

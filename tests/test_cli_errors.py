@@ -20,6 +20,9 @@ BAD_PARAMS = {
     "prepare.input_len=0": r"prepare.input_len=0: must be at least 1",
     "model.spatial_rope=diagonal": r"model.spatial_rope='diagonal': one of split, compose, off",
     "score.format=xlsx": r"score.format='xlsx': one of parquet, csv",
+    "model.graph_features=gcn": r"model.graph_features='gcn': one of diffusion, off",
+    "model.graph_hops=0": r"model.graph_hops=0: must be at least 1",
+    "train.input_mask_rate=1.0": r"train.input_mask_rate=1.0: must be in \[0, 1\)",
 }
 
 

@@ -494,3 +494,79 @@ def test_dropout_acts_in_training_only_and_adds_no_parameters():
         assert not torch.allclose(dropped(**batch), dropped(**batch))
     with pytest.raises(ValueError, match="model.dropout"):
         _build(dropout=1.0)
+
+
+# --- road-graph options: neighbour features (model.graph_features) and hop bias (model.graph_bias) ---
+
+def _chain(n: int = N) -> np.ndarray:
+    """0 -> 1 -> ... -> n-1 with self loops (traffic flows towards higher indices)."""
+    a = np.eye(n, dtype=np.float32)
+    a[np.arange(n - 1), np.arange(1, n)] = 2.0
+    return a
+
+
+def test_transition_matrices_average_neighbours_by_direction_and_hop():
+    from stlink.model.forecaster import transition_matrices
+
+    t = transition_matrices(_chain(4), hops=2)                      # (4, 4, 4): down^1, down^2, up^1, up^2
+    assert t.shape == (4, 4, 4)
+    np.testing.assert_allclose(t[0], np.eye(4, k=1))                  # one step downstream, self-loop dropped
+    np.testing.assert_allclose(t[1], np.eye(4, k=2))                  # two steps downstream
+    np.testing.assert_allclose(t[2], np.eye(4, k=-1))                 # one step upstream
+    assert not t[0][3].any() and not t[2][0].any()                    # the last sensor has nothing downstream
+    branch = np.zeros((3, 3), np.float32)
+    branch[0, 1], branch[0, 2] = 1.0, 3.0                             # weights are normalised per row
+    np.testing.assert_allclose(transition_matrices(branch, 1)[0][0], [0.0, 0.25, 0.75])
+
+
+def test_neighbour_features_are_the_masked_mean_of_the_neighbours():
+    from stlink.model.forecaster import NeighbourFeatures
+
+    feats = NeighbourFeatures(_chain(), hops=1, patch_len=L, n_channels=1, hidden=L * 2, init_std=0.02)
+    with torch.no_grad():
+        feats.proj.weight.copy_(torch.eye(L * 2))                    # read the raw averages back
+    z = torch.randn(2, L, N, 1)
+    mask = torch.rand(2, L, N) > 0.3
+    mask[:, 0, 2] = False                                             # sensor 1's only downstream neighbour at t=0
+    out = feats(z, mask)[:, :, 0]                                     # (B, N, L*K*C) = (2, N, L*2)
+    down, up = out[..., 0::2], out[..., 1::2]                         # (B, N, L) each: per step, K then C
+    expect_down = torch.where(mask[:, :, 2], z[:, :, 2, 0], torch.zeros(()))  # sensor 1 reads sensor 2
+    torch.testing.assert_close(down[:, 1], expect_down)
+    torch.testing.assert_close(up[:, 3], torch.where(mask[:, :, 2], z[:, :, 2, 0], torch.zeros(())))
+    assert down[:, 1, 0].abs().max() == 0.0                           # a hidden neighbour gives nothing
+    assert out[:, N - 1, :][..., 0::2].abs().max() == 0.0             # nothing downstream of the last sensor
+
+
+def test_hop_buckets_name_direction_and_distance():
+    from stlink.model.forecaster import hop_buckets
+
+    b = hop_buckets(_chain(5), hops=2)
+    assert b[0].tolist() == [0, 1, 2, 5, 5]                           # self, 1 and 2 down, then far
+    assert b[4].tolist() == [5, 5, 4, 3, 0]                           # 2 up = bucket 4, 1 up = bucket 3
+    two_way = _chain(3) + _chain(3).T
+    assert hop_buckets(two_way, 1)[1].tolist() == [1, 0, 1]           # a two-way edge counts as downstream
+
+
+@pytest.mark.parametrize("options", [{"graph_features": "diffusion"}, {"graph_bias": "hops"},
+                                     {"graph_features": "diffusion", "graph_bias": "hops", "spatial_rope": "off"}])
+def test_graph_options_are_equivariant_and_use_the_graph(options):
+    perm = torch.tensor([2, 4, 0, 1, 3])
+    adjacency = _adjacency()
+    model, model_perm = (_build(seed=3, adjacency=a, node_embedding="laplacian", **options)
+                         for a in (adjacency, adjacency[perm][:, perm]))         # same seed: same weights
+    free, other = (_build(seed=3, adjacency=a, node_embedding="free", **options)  # the graph only in the
+                   for a in (adjacency, _adjacency(seed=9)))                     # options (and the rotation)
+    table = torch.randn(6, 4)                                          # move the hop bias off its zero init
+    for m in (model, model_perm, free, other):
+        if m.attn_bias is not None:
+            with torch.no_grad():
+                m.attn_bias.table.copy_(table)
+    batch = _batch()
+    garbage = torch.where(batch["x_mask"][..., None], batch["x"], torch.full_like(batch["x"], 1e4))
+    with torch.no_grad():
+        y = model(**batch)
+        y_perm = model_perm(batch["x"][:, :, perm], batch["x_mask"][:, :, perm], batch["tod"], batch["dow"])
+        torch.testing.assert_close(y_perm, y[:, :, perm], atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(model(garbage, batch["x_mask"], batch["tod"], batch["dow"]), y)
+        if options.get("spatial_rope") == "off":                      # no rotation, a free identity: the
+            assert (other(**batch) - free(**batch)).abs().max() > 1e-4  # graph options alone move the forecast

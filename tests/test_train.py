@@ -235,3 +235,18 @@ def test_precision_choice():
     assert not cpu_bf16_is_faster({"avx512_bf16"}) and cpu_bf16_is_faster({"avx512_bf16", "amx_bf16"})
     with pytest.raises(ConfigError, match="train.precision"):
         mixed_precision("fp16", use_cuda=False)
+
+
+def test_hiding_readings_masks_only_inputs_at_the_rate():
+    from stlink.training.train import hide_readings
+
+    torch.manual_seed(0)
+    mask = torch.rand(32, 12, 40) > 0.2
+    batch = {"x": torch.randn(32, 12, 40, 1), "x_mask": mask, "y": torch.randn(32, 12, 40),
+             "y_mask": torch.ones(32, 12, 40, dtype=torch.bool)}
+    assert hide_readings(batch, 0.0) is batch
+    out = hide_readings(batch, 0.25)
+    assert not (out["x_mask"] & ~mask).any()                       # hides, never reveals
+    hidden = (mask & ~out["x_mask"]).sum() / mask.sum()
+    assert 0.22 < float(hidden) < 0.28
+    assert out["y_mask"] is batch["y_mask"] and out["x"] is batch["x"]  # targets and values untouched
