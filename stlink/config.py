@@ -99,6 +99,7 @@ class ModelConfig:
     revin: bool = True          # false: tokens see the global z-scored window (the level stays in the values)
     spatial_rope: str = "split"  # split | compose | off
     spatial_dim: int = 8        # Laplacian eigenvectors used for the sensor phases
+    global_head: bool = False   # a second linear head added after RevIN in global z units (flat windows can still move)
     head: str = "linear"        # linear | mlp (a trainable non-linearity after the frozen FFN: Linear-GELU-Linear)
     dropout: float = 0.0        # on the tokens entering the backbone and on its output before the head (training only)
     mrffn: str = "on"           # on | off

@@ -291,6 +291,13 @@ class Forecaster(nn.Module):
         self.head = (nn.Linear(self.n_patches * hidden, output_len) if mcfg.head == "linear" else
                      nn.Sequential(nn.Linear(self.n_patches * hidden, hidden), nn.GELU(), nn.Linear(hidden, output_len)))
 
+        # RevIN scales the head's output by the window's std: a flat window (std ~ 0) cannot forecast a
+        # drop.  This second, zero-initialised linear head adds its forecast in global z units instead.
+        self.global_head = nn.Linear(self.n_patches * hidden, output_len) if mcfg.global_head else None
+        if self.global_head is not None:
+            nn.init.zeros_(self.global_head.weight)
+            nn.init.zeros_(self.global_head.bias)
+
     def rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of the N*P tokens in sensor-major order, (1, N*P, head_dim)."""
         time_pos = torch.arange(self.n_patches, device=self.inv_freq.device).repeat(n)  # (N*P,)
@@ -330,6 +337,8 @@ class Forecaster(nn.Module):
         y = self.head(h).transpose(1, 2)                                   # (B, H, N)
         if self.use_revin:
             y = self.revin.denormalise(y, mean, std)
+        if self.global_head is not None:
+            y = y + self.global_head(h).transpose(1, 2)                    # (B, H, N), global z units
         return y * self.scaler_std[0] + self.scaler_mean[0]
 
 
