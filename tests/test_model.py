@@ -570,3 +570,18 @@ def test_graph_options_are_equivariant_and_use_the_graph(options):
         torch.testing.assert_close(model(garbage, batch["x_mask"], batch["tod"], batch["dow"]), y)
         if options.get("spatial_rope") == "off":                      # no rotation, a free identity: the
             assert (other(**batch) - free(**batch)).abs().max() > 1e-4  # graph options alone move the forecast
+
+
+def test_global_head_starts_silent_and_lets_a_flat_window_move():
+    with_global, plain = _build(seed=2, global_head=True, revin_affine=False), _build(seed=2, revin_affine=False)
+    batch = _batch()
+    x = batch["x"].clone()
+    x[..., 0] = 60.0                                                   # a flat window on every sensor
+    with torch.no_grad():
+        torch.testing.assert_close(with_global(x, batch["x_mask"], batch["tod"], batch["dow"]),
+                                   plain(x, batch["x_mask"], batch["tod"], batch["dow"]))  # zero init
+        pinned = plain(x, batch["x_mask"], batch["tod"], batch["dow"])
+        torch.testing.assert_close(pinned, torch.full_like(pinned, 60.0), atol=0.1, rtol=0.0)  # RevIN pins it
+        with_global.global_head.bias.fill_(-1.0)                       # one global std down at every step
+        moved = with_global(x, batch["x_mask"], batch["tod"], batch["dow"])
+    torch.testing.assert_close(moved, torch.full_like(moved, 50.0), atol=0.1, rtol=0.0)
