@@ -2,6 +2,7 @@
 
     python bench/bench_model.py --dataset synthetic
     python bench/bench_model.py --dataset los-loop          # needs ../shared/data/LOS-LOOP
+    python bench/bench_model.py --dataset los-metr          # the same speeds, METR-LA's directed graph
     python bench/bench_model.py --dataset synthetic --variants stlink,spatial_off -S train.epochs=2
 
 Each variant runs the project's own steps (ingest -> prepare -> train -> evaluate) in a separate
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +32,27 @@ DATASETS = {
     "los-loop": ["data.dataset=los-loop", "data.source=tgcn", f"data.path={SHARED / 'LOS-LOOP'}",
                  "data.start_time='2012-03-01 00:00:00'", "data.freq=5min"],
 }
+LOS_METR = ROOT / "bench" / "work" / "los-metr" / "source"
+DATASETS["los-metr"] = ["data.dataset=los-metr", "data.source=tgcn", f"data.path={LOS_METR}",
+                        "data.start_time='2012-03-01 00:00:00'", "data.freq=5min"]
+
+
+def los_metr_source(folder: Path = LOS_METR) -> None:
+    """LOS-LOOP's speeds with METR-LA's directed Gaussian-kernel graph instead of the symmetric
+    ``los_adj.csv`` (the same 207 sensors, ../shared/data/README.md): a T-GCN folder whose adjacency
+    CSV has a header of sensor ids, so the loader matches it by id.  Built once, outside git."""
+    from stlink.data.sources.metrla import read_dcrnn_pickle
+
+    if (folder / "los_adj.csv").exists():
+        return
+    import pandas as pd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(SHARED / "LOS-LOOP" / "los_speed.csv", folder / "los_speed.csv")
+    ids, matrix = read_dcrnn_pickle(SHARED / "METR-LA" / "adj_mx.pkl")   # refuses anything but arrays
+    pd.DataFrame(matrix, columns=ids).to_csv(folder / "los_adj.csv", index=False)
+
+
 VARIANTS = {
     "stlink": [],
     "spatial_off": ["model.spatial_rope=off"],
@@ -200,12 +223,14 @@ def main() -> int:
                     help="do not train: build the tables from finished runs under bench/work (resumable benchmarks)")
     args = ap.parse_args()
     work = ROOT / "bench" / "work" / args.dataset
+    if args.dataset.startswith("los-") and not (SHARED / "LOS-LOOP").exists():
+        print(f"{SHARED / 'LOS-LOOP'} is missing: this benchmark needs the shared LOS-LOOP data", file=sys.stderr)
+        return 2
+    if args.dataset == "los-metr":
+        los_metr_source()
     if args.one:
         print("RESULT " + json.dumps(run_one(args.dataset, args.one, args.set, work, args.tag)))
         return 0
-    if args.dataset == "los-loop" and not (SHARED / "LOS-LOOP").exists():
-        print(f"{SHARED / 'LOS-LOOP'} is missing: this benchmark needs the shared LOS-LOOP data", file=sys.stderr)
-        return 2
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     partial = out / f"{args.dataset}{args.tag}.jsonl"  # one line per finished run: a killed benchmark keeps them

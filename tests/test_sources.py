@@ -223,6 +223,15 @@ def test_tgcn_adjacency_header_reordered(tmp_path):
     np.testing.assert_array_equal(raw.adjacency, adj[np.ix_([1, 2, 0], [1, 2, 0])])
 
 
+def test_tgcn_adjacency_header_of_numeric_ids_is_matched_by_id(tmp_path):
+    """METR-LA's ids are numbers: a header row of them is told apart from data by the shape (N+1 rows)."""
+    adj = np.array([[1, 0.5, 0], [0.3, 1, 0.2], [0, 0.1, 1]])  # in order 767542, 773869, 767541
+    ids = ["773869", "767541", "767542"]
+    speed, adj_csv = write_tgcn(tmp_path, cube(4, 3, 1)[..., 0], ids, adj, adj_header=["767542", "773869", "767541"])
+    raw = load_tgcn(speed, adj_csv, "2012-03-01", "5min", ["speed"], 0.0)
+    np.testing.assert_array_equal(raw.adjacency, adj[np.ix_([1, 2, 0], [1, 2, 0])])
+
+
 def test_tgcn_time_column_and_errors(tmp_path):
     csv = tmp_path / "speed.csv"
     csv.write_text("time,s1,s2\n2012-03-01 00:00,60,61\n2012-03-01 00:05,59,\n2012-03-01 00:05,58,57\n")

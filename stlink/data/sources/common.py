@@ -203,7 +203,10 @@ def read_edges(path: Path) -> tuple[pd.DataFrame, str]:
 
 
 def read_dense_matrix(path: Path) -> tuple[np.ndarray, list[str] | None]:
-    """Dense N x N CSV (no header, or a header row of sensor ids) -> (matrix, header ids or None)."""
+    """Dense N x N CSV (no header, or a header row of sensor ids) -> (matrix, header ids or None).
+
+    A header of numeric ids (METR-LA's ``773869, ...``) parses as numbers; it is recognised by the
+    shape: N + 1 rows of N values."""
     require_file(path)
     with open(path, newline="") as fh:
         first = next(csv.reader(fh), [])
@@ -215,6 +218,8 @@ def read_dense_matrix(path: Path) -> tuple[np.ndarray, list[str] | None]:
     df = read_csv(path, header=None, skiprows=1 if header else 0)
     mat = np.column_stack([to_float(df[c], path, str(c)) for c in df.columns]) if len(df) else \
         np.empty((0, 0))  # (N, N)
+    if header is None and mat.ndim == 2 and mat.shape[0] == mat.shape[1] + 1:
+        header, mat = [x.strip() for x in first], mat[1:]                   # numeric sensor ids
     if mat.ndim != 2 or mat.shape[0] != mat.shape[1]:
         raise DataError(f"{path}: adjacency must be square, got {mat.shape[0]} x {mat.shape[1]}")
     if header is not None and len(header) != mat.shape[1]:
