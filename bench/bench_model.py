@@ -55,7 +55,9 @@ def los_metr_source(folder: Path = LOS_METR) -> None:
 
 VARIANTS = {
     "stlink": [],
-    "spatial_off": ["model.spatial_rope=off"],
+    "spatial_off": ["model.spatial_rope=off", "model.graph_features=off", "model.graph_bias=off"],  # no road graph
+    "rope_off": ["model.spatial_rope=off"],  # the graph only through the neighbour features
+    "graph_off": ["model.graph_features=off"],  # the graph only through the rotation (the default before)
     "mrffn_off": ["model.mrffn=off"],
     "mrffn_on": ["model.mrffn=on"],  # the default before MRFFN was demoted (docs/method.md)
     "node_off": ["model.node_embedding=none"],
@@ -70,7 +72,7 @@ VARIANTS = {
     "global_head": ["model.global_head=true"],  # a head that RevIN's window std does not scale (probe)
     "graph_rope_off": ["model.graph_features=diffusion", "model.spatial_rope=off"],
     "patch6": ["model.patch_len=6"],
-    "patch6_spatial_off": ["model.patch_len=6", "model.spatial_rope=off"],
+    "patch6_spatial_off": ["model.patch_len=6", "model.spatial_rope=off", "model.graph_features=off"],
     "stid": [],  # the learned reference, trained with the `reference` section like `stlink train` does
     # configuration probes (docs/benchmarks.md, "What else was tried"); a variant's settings win over -S
     "lora_mlp": ["model.lora_targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"],
