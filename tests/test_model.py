@@ -506,7 +506,7 @@ def _chain(n: int = N) -> np.ndarray:
 
 
 def test_transition_matrices_average_neighbours_by_direction_and_hop():
-    from stlink.model.forecaster import transition_matrices
+    from stlink.model.graph import transition_matrices
 
     t = transition_matrices(_chain(4), hops=2)                      # (4, 4, 4): down^1, down^2, up^1, up^2
     assert t.shape == (4, 4, 4)
@@ -520,7 +520,7 @@ def test_transition_matrices_average_neighbours_by_direction_and_hop():
 
 
 def test_neighbour_features_are_the_masked_mean_of_the_neighbours():
-    from stlink.model.forecaster import NeighbourFeatures
+    from stlink.model.graph import NeighbourFeatures
 
     feats = NeighbourFeatures(_chain(), hops=1, patch_len=L, n_channels=1, hidden=L * 2, init_std=0.02)
     with torch.no_grad():
@@ -538,7 +538,7 @@ def test_neighbour_features_are_the_masked_mean_of_the_neighbours():
 
 
 def test_hop_buckets_name_direction_and_distance():
-    from stlink.model.forecaster import hop_buckets
+    from stlink.model.graph import hop_buckets
 
     b = hop_buckets(_chain(5), hops=2)
     assert b[0].tolist() == [0, 1, 2, 5, 5]                           # self, 1 and 2 down, then far
