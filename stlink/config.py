@@ -345,8 +345,7 @@ def check_params(params: Params) -> Params:
     if not 0.0 <= params.train.input_mask_rate < 1.0:
         raise ConfigError(f"train.input_mask_rate={params.train.input_mask_rate!r}: must be in [0, 1)")
     for key in ("prepare.input_len", "prepare.output_len", "model.patch_len", "model.n_layers", "model.graph_hops",
-                "train.batch_size",
-                "evaluate.batch_size", "score.batch_size"):
+                "train.batch_size", "evaluate.batch_size", "score.batch_size"):
         if get(key) < 1:
             raise ConfigError(f"{key}={get(key)!r}: must be at least 1")
     for key in ("train.lr", "train.epochs", "train.weight_decay", "train.warmup_steps", "train.patience"):
