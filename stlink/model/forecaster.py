@@ -181,8 +181,9 @@ class Forecaster(nn.Module):
                                     mcfg.time_of_day, mcfg.day_of_week, mcfg.tod_harmonics)
         self.identity = (SensorIdentity(mcfg.node_embedding, n_sensors, hidden, adjacency, mcfg.node_eigvecs, init_std)
                          if mcfg.node_embedding != "none" else None)
-        self.graph = (NeighbourFeatures(adjacency, mcfg.graph_hops, mcfg.patch_len, n_channels, hidden, init_std)
-                      if mcfg.graph_features == "diffusion" else None)
+        # not "graph": torch.export's GraphModule owns that attribute name (the dynamo exporter fails on it)
+        self.neighbours = (NeighbourFeatures(adjacency, mcfg.graph_hops, mcfg.patch_len, n_channels, hidden, init_std)
+                           if mcfg.graph_features == "diffusion" else None)
         self.attn_bias = (GraphAttentionBias(adjacency, mcfg.graph_hops, config.num_attention_heads)
                           if mcfg.graph_bias == "hops" else None)
         self.level = nn.Linear(2 * n_channels, hidden) if mcfg.level_features else None
@@ -243,8 +244,8 @@ class Forecaster(nn.Module):
             tokens = tokens + self.identity()[None, :, None]              # (B, N, P, D)
         if self.level is not None:
             tokens = tokens + self.level(level_features(mean, std))[:, :, None]  # (B, N, P, D)
-        if self.graph is not None:
-            tokens = tokens + self.graph(z, x_mask)                        # (B, N, P, D)
+        if self.neighbours is not None:
+            tokens = tokens + self.neighbours(z, x_mask)                   # (B, N, P, D)
         h = tokens.reshape(b, n * self.n_patches, -1)                      # (B, N*P, D)
         cos, sin = self.rope_tables(n)                                     # (1, N*P, head_dim), float32
         query = plain[..., 0] if self.mrffn_query == "revin" else z[..., 0]  # (B, L, N)
