@@ -279,6 +279,8 @@ def _check(mcfg: ModelConfig, n_sensors: int, input_len: int, adjacency: np.ndar
         raise ValueError(f"model.graph_features must be one of {' | '.join(GRAPH_FEATURES)}, got {mcfg.graph_features!r}")
     if mcfg.graph_bias not in GRAPH_BIAS:
         raise ValueError(f"model.graph_bias must be one of {' | '.join(GRAPH_BIAS)}, got {mcfg.graph_bias!r}")
+    if (mcfg.graph_features != "off" or mcfg.graph_bias != "off") and mcfg.graph_hops < 1:
+        raise ValueError(f"model.graph_hops must be >= 1, got {mcfg.graph_hops}")
     if mcfg.mrffn_query not in ("zscore", "revin"):
         raise ValueError(f"model.mrffn_query must be 'zscore' or 'revin', got {mcfg.mrffn_query!r}")
     if mcfg.mrffn not in ("on", "off"):

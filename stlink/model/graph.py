@@ -42,8 +42,6 @@ class NeighbourFeatures(nn.Module):
 
     def __init__(self, adjacency: np.ndarray, hops: int, patch_len: int, n_channels: int, hidden: int, init_std: float):
         super().__init__()
-        if hops < 1:
-            raise ValueError(f"model.graph_hops must be >= 1, got {hops}")
         self.register_buffer("trans", torch.as_tensor(transition_matrices(adjacency, hops)))  # (K, N, N)
         self.patch_len = patch_len
         self.proj = nn.Linear(patch_len * self.trans.shape[0] * n_channels, hidden, bias=False)
@@ -66,13 +64,13 @@ class NeighbourFeatures(nn.Module):
 def hop_buckets(adjacency: np.ndarray, hops: int) -> np.ndarray:
     """(N, N) int64 bucket of each (query sensor, key sensor) pair: 0 itself, 1..hops the key is that many
     edges downstream, hops+1..2*hops that many upstream, 2*hops+1 farther (or unreachable)."""
-    a = np.asarray(adjacency) > 0                                         # (N, N) edges, a copy
+    a = (np.asarray(adjacency) > 0).astype(np.int64)                      # (N, N) edges, a copy
     n = len(a)
-    np.fill_diagonal(a, False)
+    np.fill_diagonal(a, 0)
     down = np.full((n, n), np.iinfo(np.int64).max)
     reach = np.eye(n, dtype=bool)
     for k in range(1, hops + 1):
-        reach = (reach.astype(np.int64) @ a.astype(np.int64)) > 0        # (N, N) walks of exactly k edges
+        reach = (reach.astype(np.int64) @ a) > 0                           # (N, N) walks of exactly k edges
         down = np.where(reach & (down > k), k, down)
     out = np.full((n, n), 2 * hops + 1, dtype=np.int64)
     up = down.T
@@ -87,8 +85,6 @@ class GraphAttentionBias(nn.Module):
 
     def __init__(self, adjacency: np.ndarray, hops: int, n_heads: int):
         super().__init__()
-        if hops < 1:
-            raise ValueError(f"model.graph_hops must be >= 1, got {hops}")
         self.register_buffer("bucket", torch.as_tensor(hop_buckets(adjacency, hops)))     # (N, N)
         self.table = nn.Parameter(torch.zeros(2 * hops + 2, n_heads))                     # (buckets, H)
 
