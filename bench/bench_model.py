@@ -59,8 +59,7 @@ def los_metr_source(folder: Path = LOS_METR) -> None:
 
 VARIANTS = {
     "stlink": [],
-    "spatial_off": ["model.spatial_rope=off", "model.graph_features=off", "model.graph_bias=off",
-                    "model.graph_readout=off"],  # no road graph
+    "spatial_off": ["model.spatial_rope=off", "model.graph_features=off", "model.graph_bias=off"],  # no road graph
     "rope_off": ["model.spatial_rope=off"],  # the graph only through the neighbour features
     "graph_off": ["model.graph_features=off"],  # the graph only through the rotation (the default before)
     "mrffn_off": ["model.mrffn=off"],
@@ -70,7 +69,6 @@ VARIANTS = {
     "random_backbone": ["model.pretrained=false"],
     "graph": ["model.graph_features=diffusion"],  # neighbours' readings on each token (probe)
     "graph_bias": ["model.graph_bias=hops"],  # learned attention bias per head and hop distance (probe)
-    "readout": ["model.graph_readout=diffusion"],  # neighbours' backbone outputs before the head (probe)
     "graph_both": ["model.graph_features=diffusion", "model.graph_bias=hops"],
     "mask10": ["train.input_mask_rate=0.1"],  # augmentation: hide 10 % of the input readings (probe)
     "lr_high": ["train.lr=0.005", "train.lora_lr=0.002"],

@@ -94,7 +94,6 @@ class ModelConfig:
     node_eigvecs: int = 32      # Laplacian eigenvectors behind node_embedding=laplacian
     graph_features: str = "off"  # diffusion (neighbours' readings, downstream and upstream, on each token) | off
     graph_bias: str = "off"     # hops: a learned attention bias per head and hop distance on the road graph | off
-    graph_readout: str = "off"  # diffusion: neighbours' backbone outputs added to each sensor's, before the head | off
     graph_hops: int = 2         # diffusion: 1..hops steps along the road graph, each direction
     level_features: bool = True  # give the window mean and log std that RevIN removes back to the tokens
     revin: bool = True          # false: tokens see the global z-scored window (the level stays in the values)
@@ -321,7 +320,6 @@ CHOICES: dict[str, tuple[str, ...]] = {  # params whose value is one of a few wo
     "train.device": ("auto", "cpu", "cuda"),
     "model.graph_features": ("diffusion", "off"),
     "model.graph_bias": ("hops", "off"),
-    "model.graph_readout": ("diffusion", "off"),
     "score.device": ("auto", "cuda", "cpu"),
     "score.format": ("parquet", "csv"),
     "score.variant": ("fp32", "opt", "int8", "fp16"),

@@ -548,8 +548,7 @@ def test_hop_buckets_name_direction_and_distance():
 
 
 @pytest.mark.parametrize("options", [{"graph_features": "diffusion"}, {"graph_bias": "hops"},
-                                     {"graph_features": "diffusion", "graph_bias": "hops", "spatial_rope": "off"},
-                                     {"graph_readout": "diffusion", "spatial_rope": "off"}])
+                                     {"graph_features": "diffusion", "graph_bias": "hops", "spatial_rope": "off"}])
 def test_graph_options_are_equivariant_and_use_the_graph(options):
     perm = torch.tensor([2, 4, 0, 1, 3])
     adjacency = _adjacency()
@@ -558,13 +557,10 @@ def test_graph_options_are_equivariant_and_use_the_graph(options):
     free, other = (_build(seed=3, adjacency=a, node_embedding="free", **options)  # the graph only in the
                    for a in (adjacency, _adjacency(seed=9)))                     # options (and the rotation)
     table = torch.randn(6, 4)                                          # move the hop bias off its zero init
-    up = None if model.readout is None else torch.randn_like(model.readout.up.weight)  # and the readout
     for m in (model, model_perm, free, other):
-        with torch.no_grad():
-            if m.attn_bias is not None:
+        if m.attn_bias is not None:
+            with torch.no_grad():
                 m.attn_bias.table.copy_(table)
-            if m.readout is not None:
-                m.readout.up.weight.copy_(up)
     batch = _batch()
     garbage = torch.where(batch["x_mask"][..., None], batch["x"], torch.full_like(batch["x"], 1e4))
     with torch.no_grad():
@@ -574,27 +570,6 @@ def test_graph_options_are_equivariant_and_use_the_graph(options):
         torch.testing.assert_close(model(garbage, batch["x_mask"], batch["tod"], batch["dow"]), y)
         if options.get("spatial_rope") == "off":                      # no rotation, a free identity: the
             assert (other(**batch) - free(**batch)).abs().max() > 1e-4  # graph options alone move the forecast
-
-
-def test_graph_readout_starts_as_the_identity_and_passes_neighbours_outputs_downstream():
-    from stlink.model.graph import GraphReadout
-
-    model = _build(seed=4, graph_readout="diffusion")
-    batch = _batch()
-    with torch.no_grad():
-        y = model(**batch)
-        readout, model.readout = model.readout, None
-        torch.testing.assert_close(model(**batch), y)                  # zero init: nothing added yet
-    chain = GraphReadout(_chain(4), hops=1, width=3, init_std=0.02, rank=3)
-    with torch.no_grad():
-        chain.down.weight.copy_(torch.eye(3))
-        chain.up.weight.zero_()
-        chain.up.weight[:, :3] = torch.eye(3)                          # pass on the downstream mean only
-        h = torch.randn(2, 4, 3)
-        out = chain(h)
-    torch.testing.assert_close(out[:, :3], h[:, :3] + h[:, 1:])       # sensor n gets sensor n+1's output
-    torch.testing.assert_close(out[:, 3], h[:, 3])                     # nothing downstream of the last one
-    assert readout.up.weight.abs().max() == 0.0
 
 
 def test_global_head_starts_silent_and_lets_a_flat_window_move():

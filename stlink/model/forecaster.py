@@ -19,7 +19,7 @@ from torch import nn
 
 from stlink.config import ModelConfig
 from stlink.model.backbone import load_backbone
-from stlink.model.graph import GraphAttentionBias, GraphReadout, NeighbourFeatures
+from stlink.model.graph import GraphAttentionBias, NeighbourFeatures
 from stlink.model.lora import apply_lora, describe_trainable
 from stlink.model.memory import MemoryRead, topk_cosine
 from stlink.model.revin import RevIN, zscore
@@ -31,7 +31,6 @@ DAY_OF_WEEK = {"full": "full", "weekday_weekend": "weekday_weekend", "off": "off
 NODE_EMBEDDING = ("free", "laplacian", "none")
 GRAPH_FEATURES = ("diffusion", "off")
 GRAPH_BIAS = ("hops", "off")
-GRAPH_READOUT = ("diffusion", "off")
 FOURIER_HARMONICS = 6  # default model.tod_harmonics: sin/cos of 1..6 cycles per day
 
 
@@ -203,8 +202,6 @@ class Forecaster(nn.Module):
             self.memory = nn.ModuleList()
         self.backbone = apply_lora(stack, mcfg)
         self.norm = nn.LayerNorm(hidden)
-        self.readout = (GraphReadout(adjacency, mcfg.graph_hops, self.n_patches * hidden, init_std)
-                        if mcfg.graph_readout == "diffusion" else None)
         if not 0.0 <= mcfg.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {mcfg.dropout}")
         self.drop = nn.Dropout(mcfg.dropout)  # no parameters: checkpoints stay loadable whatever the rate
@@ -256,8 +253,6 @@ class Forecaster(nn.Module):
         bias = None if self.attn_bias is None else self.attn_bias(self.n_patches).to(h.dtype)  # (1, H, T, T)
         h = self.backbone(self.drop(h), cos.to(h.dtype), sin.to(h.dtype), reads, bias)  # (B, N*P, D)
         h = self.drop(self.norm(h)).reshape(b, n, -1)                      # (B, N, P*D)
-        if self.readout is not None:
-            h = self.readout(h)                                            # (B, N, P*D)
         y = self.head(h).transpose(1, 2)                                   # (B, H, N)
         if self.use_revin:
             y = self.revin.denormalise(y, mean, std)
@@ -284,9 +279,7 @@ def _check(mcfg: ModelConfig, n_sensors: int, input_len: int, adjacency: np.ndar
         raise ValueError(f"model.graph_features must be one of {' | '.join(GRAPH_FEATURES)}, got {mcfg.graph_features!r}")
     if mcfg.graph_bias not in GRAPH_BIAS:
         raise ValueError(f"model.graph_bias must be one of {' | '.join(GRAPH_BIAS)}, got {mcfg.graph_bias!r}")
-    if mcfg.graph_readout not in GRAPH_READOUT:
-        raise ValueError(f"model.graph_readout must be one of {' | '.join(GRAPH_READOUT)}, got {mcfg.graph_readout!r}")
-    if ("diffusion" in (mcfg.graph_features, mcfg.graph_readout) or mcfg.graph_bias != "off") and mcfg.graph_hops < 1:
+    if (mcfg.graph_features != "off" or mcfg.graph_bias != "off") and mcfg.graph_hops < 1:
         raise ValueError(f"model.graph_hops must be >= 1, got {mcfg.graph_hops}")
     if mcfg.mrffn_query not in ("zscore", "revin"):
         raise ValueError(f"model.mrffn_query must be 'zscore' or 'revin', got {mcfg.mrffn_query!r}")

@@ -4,10 +4,7 @@
 * ``model.graph_features=diffusion``: the neighbours' readings, 1..hops edges downstream and
   upstream, on every token (:class:`NeighbourFeatures`);
 * ``model.graph_bias=hops``: a learned attention bias per head and hop bucket
-  (:class:`GraphAttentionBias`);
-* ``model.graph_readout=diffusion``: after the backbone, each sensor's output token gets its
-  neighbours' output tokens (:class:`GraphReadout`), so the head sees what the model expects
-  downstream and upstream, not only what the neighbours read.
+  (:class:`GraphAttentionBias`).
 
 Both are graph constants (buffers built from the adjacency) plus a few weights, so relabelling
 the sensors with the graph relabels the forecast, and both export to ONNX.
@@ -39,13 +36,6 @@ def transition_matrices(adjacency: np.ndarray, hops: int) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
-def neighbour_mean(trans: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """trans (K, N, N), values (B, N, F) -> (B, N, K*F): each sensor's weighted neighbours, per transition."""
-    b, n, f = values.shape
-    out = trans.to(values.dtype) @ values[:, None]                          # (B, K, N, F)
-    return out.permute(0, 2, 1, 3).reshape(b, n, -1)                        # (B, N, K*F)
-
-
 class NeighbourFeatures(nn.Module):
     """What the road graph says around each sensor: the masked average of its neighbours' z-scored
     readings, 1..hops steps downstream and upstream, per input step, projected onto its tokens."""
@@ -69,26 +59,6 @@ class NeighbourFeatures(nn.Module):
         p = l // self.patch_len
         feats = avg.permute(0, 2, 3, 1, 4).reshape(b, n, p, -1)                 # (B, N, P, pl*K*C)
         return self.proj(feats)                                                 # (B, N, P, D)
-
-
-READOUT_RANK = 64  # width of what a sensor passes to its neighbours after the backbone
-
-
-class GraphReadout(nn.Module):
-    """A residual diffusion step on the backbone's output: h_n + W_out [T_k (h W_in)]_n over the
-    2 * hops transitions.  Zero-initialised (W_out = 0), so it starts as the identity."""
-
-    def __init__(self, adjacency: np.ndarray, hops: int, width: int, init_std: float, rank: int = READOUT_RANK):
-        super().__init__()
-        self.register_buffer("trans", torch.as_tensor(transition_matrices(adjacency, hops)))  # (K, N, N)
-        self.down = nn.Linear(width, rank, bias=False)
-        self.up = nn.Linear(self.trans.shape[0] * rank, width, bias=False)
-        nn.init.normal_(self.down.weight, std=init_std)
-        nn.init.zeros_(self.up.weight)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h (B, N, W) -> (B, N, W)."""
-        return h + self.up(neighbour_mean(self.trans, self.down(h)))           # (B, N, K*R) -> (B, N, W)
 
 
 def hop_buckets(adjacency: np.ndarray, hops: int) -> np.ndarray:
