@@ -66,6 +66,7 @@ VARIANTS = {
     "mrffn_on": ["model.mrffn=on"],  # the default before MRFFN was demoted (docs/method.md)
     "node_off": ["model.node_embedding=none"],
     "level_off": ["model.level_features=false"],
+    "revin_off": ["model.revin=false"],  # tokens and head in global z units, as STID (probe)
     "random_backbone": ["model.pretrained=false"],
     "graph": ["model.graph_features=diffusion"],  # neighbours' readings on each token (probe)
     "graph_bias": ["model.graph_bias=hops"],  # learned attention bias per head and hop distance (probe)
