@@ -48,15 +48,15 @@ def _load(model_dir: Path):
 def forecasts(model_dir: Path, data, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(W, H, N) forecast, target and mask of every window of ``split``."""
     from stlink.data.windows import WindowDataset
+    from stlink.training.evaluate import _model_forecast
 
     model, params, _ = _load(model_dir)
     ds = WindowDataset(data, split, params.prepare.input_len, params.prepare.output_len)
     out, ys, ms = [], [], []
-    with torch.no_grad():
-        for b in DataLoader(ds, batch_size=64):
-            out.append(model(b["x"], b["x_mask"], b["tod"], b["dow"]).float().numpy())
-            ys.append(b["y"].numpy())
-            ms.append(b["y_mask"].numpy())
+    for b in DataLoader(ds, batch_size=64):
+        out.append(_model_forecast(model, b, torch.device("cpu")))   # (B, H, N), as `stlink evaluate` scores
+        ys.append(b["y"].numpy())
+        ms.append(b["y_mask"].numpy())
     return np.concatenate(out), np.concatenate(ys), np.concatenate(ms)
 
 
