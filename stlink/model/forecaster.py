@@ -31,6 +31,7 @@ DAY_OF_WEEK = {"full": "full", "weekday_weekend": "weekday_weekend", "off": "off
 NODE_EMBEDDING = ("free", "laplacian", "none")
 GRAPH_FEATURES = ("diffusion", "off")
 GRAPH_BIAS = ("hops", "off")
+WINDOW_SKIP = ("linear", "off")
 FOURIER_HARMONICS = 6  # default model.tod_harmonics: sin/cos of 1..6 cycles per day
 
 
@@ -120,6 +121,20 @@ class PatchEmbedding(nn.Module):
         last = slice(self.patch_len - 1, None, self.patch_len)                   # each patch's last step
         cal = self.calendar(tod[:, last], dow[:, last])                          # (B, P, D) or None
         return tokens if cal is None else tokens + cal[:, None]                  # (B, N, P, D)
+
+
+def last_value_linear(input_len: int, output_len: int) -> nn.Linear:
+    """Linear(L -> H) over one sensor's window that starts as "repeat the last reading" (weight[:, -1] = 1).
+
+    The window skip: the exact values reach the forecast without passing through the tokens' width, so
+    the network only has to learn the change.  (B, N, L) -> (B, N, H).
+    """
+    skip = nn.Linear(input_len, output_len)
+    with torch.no_grad():
+        skip.weight.zero_()
+        skip.weight[:, -1] = 1.0
+        skip.bias.zero_()
+    return skip
 
 
 def level_features(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -216,6 +231,7 @@ class Forecaster(nn.Module):
         if self.global_head is not None:
             nn.init.zeros_(self.global_head.weight)
             nn.init.zeros_(self.global_head.bias)
+        self.skip = last_value_linear(input_len, output_len) if mcfg.window_skip == "linear" else None
 
     def rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of the N*P tokens in sensor-major order, (1, N*P, head_dim)."""
@@ -258,6 +274,8 @@ class Forecaster(nn.Module):
             y = self.revin.denormalise(y, mean, std)
         if self.global_head is not None:
             y = y + self.global_head(h).transpose(1, 2)                    # (B, H, N), global z units
+        if self.skip is not None:
+            y = y + self.skip(z[..., 0].transpose(1, 2)).transpose(1, 2)   # (B, N, L) -> (B, H, N), global z units
         return y * self.scaler_std[0] + self.scaler_mean[0]
 
 
@@ -277,6 +295,8 @@ def _check(mcfg: ModelConfig, n_sensors: int, input_len: int, adjacency: np.ndar
         raise ValueError(f"model.node_embedding must be one of {' | '.join(NODE_EMBEDDING)}, got {mcfg.node_embedding!r}")
     if mcfg.graph_features not in GRAPH_FEATURES:
         raise ValueError(f"model.graph_features must be one of {' | '.join(GRAPH_FEATURES)}, got {mcfg.graph_features!r}")
+    if mcfg.window_skip not in WINDOW_SKIP:
+        raise ValueError(f"model.window_skip must be one of {' | '.join(WINDOW_SKIP)}, got {mcfg.window_skip!r}")
     if mcfg.graph_bias not in GRAPH_BIAS:
         raise ValueError(f"model.graph_bias must be one of {' | '.join(GRAPH_BIAS)}, got {mcfg.graph_bias!r}")
     if (mcfg.graph_features != "off" or mcfg.graph_bias != "off") and mcfg.graph_hops < 1:
