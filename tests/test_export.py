@@ -160,14 +160,14 @@ def test_stid_reference_exports_with_parity(tmp_path):
 
 
 def test_road_graph_options_export_with_parity(tmp_path):
-    """Neighbour features and the hop attention bias are graph constants plus weights: they export."""
+    """Neighbour features, the hop attention bias and the window skip are constants plus weights: they export."""
     from stlink.config import ModelConfig
     from stlink.model import build_forecaster
 
     adjacency = np.eye(N, dtype=np.float32) + np.eye(N, k=1, dtype=np.float32)
     torch.manual_seed(0)
     model = build_forecaster(ModelConfig(backbone="tiny", mrffn="off", patch_len=6, graph_features="diffusion",
-                                         graph_bias="hops"), n_sensors=N, n_channels=1, input_len=L,
+                                         graph_bias="hops", window_skip="linear"), n_sensors=N, n_channels=1, input_len=L,
                              output_len=12, steps_per_day=48, adjacency=adjacency, scaler_mean=[50.0],
                              scaler_std=[10.0], memory_keys=None).eval()
     with torch.no_grad():

@@ -572,6 +572,31 @@ def test_graph_options_are_equivariant_and_use_the_graph(options):
             assert (other(**batch) - free(**batch)).abs().max() > 1e-4  # graph options alone move the forecast
 
 
+@pytest.mark.parametrize("revin", [False, True])
+def test_window_skip_starts_as_the_last_reading_and_learns_the_change(revin):
+    """window_skip=linear adds Linear(L -> H) of the sensor's own z-scored window, initialised to repeat
+    its last reading: with the network's head silenced the forecast is the last valid reading (the
+    scaler mean where it is missing), at full precision; without the skip it is not."""
+    model, plain = _build(seed=3, window_skip="linear", revin=revin), _build(seed=3, revin=revin)
+    batch = _batch()
+    last, valid = batch["x"][:, -1, :, 0], batch["x_mask"][:, -1]              # (B, N)
+    expected = torch.where(valid, last, torch.full_like(last, 50.0))[:, None].expand(-1, H, -1)  # (B, H, N)
+    with torch.no_grad():
+        for m in (model, plain):
+            m.head.weight.zero_()                                             # the network's own forecast: 0
+            m.head.bias.fill_(m.revin.bias[0].item() if revin else 0.0)     # (RevIN: its affine bias undone)
+        y = model(**batch)
+    if revin:  # RevIN's own path adds the window mean, the skip adds the last reading (both z units)
+        mean = torch.stack([(batch["x"][w, :, :, 0] * batch["x_mask"][w]).sum(0) / batch["x_mask"][w].sum(0)
+                            for w in range(batch["x"].shape[0])])              # (B, N)
+        expected = expected + (torch.where(batch["x_mask"].sum(1) > 0, mean, torch.full_like(mean, 50.0))[:, None]
+                               - 50.0)
+    torch.testing.assert_close(y, expected, atol=1e-3, rtol=0.0)
+    assert model.skip.weight.requires_grad and model.skip.bias.requires_grad     # trained with the new modules
+    with torch.no_grad():
+        assert (plain(**batch) - expected).abs().max() > 1.0                   # without the skip: no last value
+
+
 def test_global_head_starts_silent_and_lets_a_flat_window_move():
     with_global, plain = _build(seed=2, global_head=True, revin_affine=False), _build(seed=2, revin_affine=False)
     batch = _batch()
