@@ -76,6 +76,7 @@ VARIANTS = {
     "lr_high": ["train.lr=0.005", "train.lora_lr=0.002"],
     "lr_low": ["train.lr=0.002", "train.lora_lr=0.0005"],
     "skip": ["model.window_skip=linear"],
+    "ema": ["train.ema_decay=0.999"],  # validate and keep the moving average of the weights
     "dow_off": ["model.day_of_week=off"],  # no day-of-week input (LOS-LOOP's test weekdays are unseen in training)
     "tod_off": ["model.time_of_day=off"],  # the sensor's own window, linearly, straight to the forecast
     "global_head": ["model.global_head=true"],  # a head that RevIN's window std does not scale (probe)

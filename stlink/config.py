@@ -136,6 +136,7 @@ class TrainConfig:
     max_train_batches: int | None = None  # cap batches per epoch (CPU budget); None = all
     max_val_batches: int | None = None
     max_steps: int | None = None  # optimizer-step budget: the LR schedule anneals to 0 at min(this, epochs x batches)
+    ema_decay: float = 0.0      # > 0: validate, keep and export an exponential moving average of the trained weights
     precision: str = "auto"     # auto (bf16 on CUDA, and on CPUs with native bf16: avx512_bf16/amx) | bf16 | fp32
     threads: int = 0            # torch intra-op threads on CPU; 0 = torch's default
     num_workers: int = 0
@@ -345,6 +346,8 @@ def check_params(params: Params) -> Params:
     for key, choices in CHOICES.items():
         if get(key) not in choices:
             raise ConfigError(f"{key}={get(key)!r}: one of {', '.join(choices)}")
+    if not 0.0 <= params.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={params.train.ema_decay!r}: must be in [0, 1) (0 = off)")
     if not 0.0 <= params.train.input_mask_rate < 1.0:
         raise ConfigError(f"train.input_mask_rate={params.train.input_mask_rate!r}: must be in [0, 1)")
     for key in ("prepare.input_len", "prepare.output_len", "model.patch_len", "model.n_layers", "model.graph_hops",

@@ -85,16 +85,64 @@ def test_outputs_and_reload_reproduce_the_best_val_mae(data_dir, tmp_path):
     assert to_dict(p2) == to_dict(params) and meta2["steps_per_day"] == 48
     assert summary["trainable_params"] == sum(trainable_parameters(model).values()) > 0
     # best.pt reproduces the val MAE it was chosen for (same capped validation windows)
-    data = load_processed(data_dir)
-    val = WindowDataset(data, "val", 12, 12)
-    idx = np.linspace(0, len(val) - 1, min(len(val), 2 * 16)).round().astype(int)
+    assert _capped_val_mae(model, data_dir) == pytest.approx(summary["best_val_mae"], rel=1e-5)
+    assert load_checkpoint(out / "best.pt")["epoch"] == summary["best_epoch"]
+
+
+def _capped_val_mae(model, data_dir, batches: int = 2, batch_size: int = 16) -> float:
+    """Val MAE over the evenly spaced windows that training validates on (max_val_batches x batch_size)."""
+    val = WindowDataset(load_processed(data_dir), "val", 12, 12)
+    idx = np.linspace(0, len(val) - 1, min(len(val), batches * batch_size)).round().astype(int)
     acc = MetricAccumulator(12)
     with torch.no_grad():
         for i in idx:
             w = {k: torch.as_tensor(v)[None] for k, v in val[int(i)].items()}
             acc.update(w["y"], model(w["x"], w["x_mask"], w["tod"], w["dow"]), w["y_mask"])
-    assert acc.result()["mae"] == pytest.approx(summary["best_val_mae"], rel=1e-5)
-    assert load_checkpoint(out / "best.pt")["epoch"] == summary["best_epoch"]
+    return acc.result()["mae"]
+
+
+def test_weight_average_is_validated_kept_and_resumed(data_dir, tmp_path):
+    """train.ema_decay: the moving average is what validation scores and best.pt holds; last.pt keeps the
+    raw weights and the average, so a resumed run ends exactly like an uninterrupted one."""
+    from stlink.training.train import WeightAverage
+
+    layer = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    avg = WeightAverage(layer, decay=0.5)
+    with torch.no_grad():
+        layer.weight.fill_(3.0)
+    avg.update(layer)                                            # d = min(0.5, 2 / 11)
+    expected = 2 / 11 * 1.0 + 9 / 11 * 3.0
+    with avg.swapped(layer):
+        assert torch.allclose(layer.weight, torch.full_like(layer.weight, expected))
+    assert torch.equal(layer.weight, torch.full_like(layer.weight, 3.0))  # the raw weights are back
+
+    cache = tmp_path / "bb"
+    full = run(data_dir, tmp_path / "full", cache, epochs=3, ema_decay=0.9)
+    plain = run(data_dir, tmp_path / "plain", cache, epochs=3)
+    assert [h["train_loss"] for h in full["history"]] == [h["train_loss"] for h in plain["history"]]  # same steps
+    assert [h["val_mae"] for h in full["history"]] != [h["val_mae"] for h in plain["history"]]  # other weights scored
+    model, _, _ = load_trained(tmp_path / "full", cache_dir=cache)
+    assert _capped_val_mae(model, data_dir) == pytest.approx(full["best_val_mae"], rel=1e-5)
+    last = load_checkpoint(tmp_path / "full" / "last.pt")
+    shadow = last["ema"]["shadow"]                               # every trainable parameter, averaged
+    assert set(shadow) == set(trainable_parameters(model)) and set(shadow) <= set(last["model"])
+    assert any(not torch.equal(shadow[k], last["model"][k]) for k in shadow)  # last.pt: the raw weights
+
+    def crash_after_first(epoch, record):
+        if epoch == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(tiny_params(epochs=3, ema_decay=0.9), tmp_path / "cut", data_dir=data_dir, cache_dir=cache,
+              on_epoch_end=crash_after_first)
+    resumed = train(tiny_params(epochs=3, ema_decay=0.9), tmp_path / "cut", resume=True, data_dir=data_dir,
+                    cache_dir=cache)
+    assert [h["val_mae"] for h in resumed["history"]] == [h["val_mae"] for h in full["history"]]
+    cut = load_checkpoint(tmp_path / "cut" / "last.pt")
+    for name, value in last["ema"]["shadow"].items():
+        assert torch.equal(cut["ema"]["shadow"][name], value), name
 
 
 class Interrupted(Exception):

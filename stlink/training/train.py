@@ -39,6 +39,7 @@ Files: see ``stlink.training.checkpoint``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import resource
@@ -88,6 +89,50 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class WeightAverage:
+    """An exponential moving average of the trainable parameters (``train.ema_decay``; Polyak averaging).
+
+    ``update`` after every optimizer step: shadow <- d * shadow + (1 - d) * weight, with
+    d = min(decay, (1 + t) / (10 + t)) so the first steps are not dominated by the initial weights.
+    ``swapped(model)`` puts the averages into the model (validation, checkpoints) and the raw
+    weights back afterwards; training always continues from the raw weights.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.steps = decay, 0
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].mul_(d).add_(p.detach(), alpha=1.0 - d)
+
+    @contextlib.contextmanager
+    def swapped(self, model: torch.nn.Module) -> Iterator[None]:
+        params = dict(model.named_parameters())
+        raw = {n: params[n].detach().clone() for n in self.shadow}
+        with torch.no_grad():
+            for n, v in self.shadow.items():
+                params[n].copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, v in raw.items():
+                    params[n].copy_(v)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = state["steps"]
+        for n, v in state["shadow"].items():
+            self.shadow[n].copy_(v)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -358,6 +403,8 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
     steps_per_epoch = len(train_loader)
     total_steps = tc.epochs * steps_per_epoch if tc.max_steps is None else min(tc.max_steps, tc.epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(raw_opt, warmup_cosine(tc.warmup_steps, total_steps))
+    ema = WeightAverage(accelerator.unwrap_model(model), tc.ema_decay) if tc.ema_decay > 0 else None
+    averaged = (lambda: ema.swapped(accelerator.unwrap_model(model))) if ema is not None else contextlib.nullcontext
 
     state = {"epoch": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "stopped": False}
     history: list[dict[str, Any]] = []
@@ -368,6 +415,8 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
         load_trainable_state(accelerator.unwrap_model(model), ckpt["model"], last_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         state, history = ckpt["state"], ckpt["history"]
         set_rng_state(ckpt["rng"])
         accelerator.print(f"resuming from {last_path} after epoch {state['epoch']}")
@@ -384,16 +433,22 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
         loader_gen.manual_seed(tc.seed + epoch)
         record = _train_epoch(model, optimizer, scheduler, train_loader, accelerator, tc, epoch,
                               min(steps_per_epoch, total_steps - scheduler.last_epoch),
-                              history[-1]["val_mae"] if history else None)
-        val = validate(model, val_loader, accelerator, H, params.evaluate.mape_floor)
-        record.update(val_mae=val["mae"], val_rmse=val["rmse"])
-        improved = _update_state(state, epoch, val["mae"], tc.patience)
-        history.append(record)
+                              history[-1]["val_mae"] if history else None,
+                              None if ema is None else lambda: ema.update(accelerator.unwrap_model(model)))
+        with averaged():  # with train.ema_decay: the averaged weights are validated and kept as the best
+            val = validate(model, val_loader, accelerator, H, params.evaluate.mape_floor)
+            record.update(val_mae=val["mae"], val_rmse=val["rmse"])
+            improved = _update_state(state, epoch, val["mae"], tc.patience)
+            history.append(record)
+            if main and improved:  # this run's best so far; it becomes best.pt only when the run completes
+                best_payload = model_payload(accelerator.unwrap_model(model), inputs, fingerprint)
+                best_payload.update(data_sha256=checksum, params=to_dict(params))
+                save_checkpoint({**best_payload, "epoch": epoch + 1, "val_mae": val["mae"]}, out_dir / RUN_BEST)
         if main:
-            payload = model_payload(accelerator.unwrap_model(model), inputs, fingerprint)
+            payload = model_payload(accelerator.unwrap_model(model), inputs, fingerprint)  # the raw weights
             payload.update(data_sha256=checksum, params=to_dict(params))
-            if improved:  # this run's best so far; it becomes best.pt only when the run completes
-                save_checkpoint({**payload, "epoch": epoch + 1, "val_mae": val["mae"]}, out_dir / RUN_BEST)
+            if ema is not None:
+                payload["ema"] = ema.state_dict()
             save_checkpoint({**payload, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "state": dict(state), "history": history, "rng": rng_state()}, last_path)
             write_json(out_dir / "train_metrics.json", _summary(history, state, extra))
@@ -422,7 +477,7 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
 
 
 def _train_epoch(model, optimizer, scheduler, loader, accelerator, tc, epoch: int, n_batches: int,
-                 last_val: float | None) -> dict[str, Any]:
+                 last_val: float | None, after_step: Callable[[], None] | None = None) -> dict[str, Any]:
     """One pass over ``loader``; returns the epoch record (loss averaged over batches and processes).
 
     The progress bar shows the batch loss, the previous epoch's val MAE and samples/s.
@@ -445,6 +500,8 @@ def _train_epoch(model, optimizer, scheduler, loader, accelerator, tc, epoch: in
             accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
         scheduler.step()
+        if after_step is not None:
+            after_step()
         loss_sum += loss.detach()
         n_seen += batch["y"].shape[0] * accelerator.num_processes
         bar.set_postfix(loss=f"{loss.item():.3f}", val_mae="-" if last_val is None else f"{last_val:.3f}",
