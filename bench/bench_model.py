@@ -75,10 +75,10 @@ VARIANTS = {
     "mask10": ["train.input_mask_rate=0.1"],  # augmentation: hide 10 % of the input readings (probe)
     "lr_high": ["train.lr=0.005", "train.lora_lr=0.002"],
     "lr_low": ["train.lr=0.002", "train.lora_lr=0.0005"],
-    "skip": ["model.window_skip=linear"],
+    "skip": ["model.window_skip=linear"],  # the sensor's own window, linearly, straight to the forecast
     "ema": ["train.ema_decay=0.999"],  # validate and keep the moving average of the weights
     "dow_off": ["model.day_of_week=off"],  # no day-of-week input (LOS-LOOP's test weekdays are unseen in training)
-    "tod_off": ["model.time_of_day=off"],  # the sensor's own window, linearly, straight to the forecast
+    "tod_off": ["model.time_of_day=off"],
     "global_head": ["model.global_head=true"],  # a head that RevIN's window std does not scale (probe)
     "graph_rope_off": ["model.graph_features=diffusion", "model.spatial_rope=off"],
     "patch6": ["model.patch_len=6"],
