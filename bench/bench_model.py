@@ -77,6 +77,7 @@ VARIANTS = {
     "lr_low": ["train.lr=0.002", "train.lora_lr=0.0005"],
     "skip": ["model.window_skip=linear"],  # the sensor's own window, linearly, straight to the forecast
     "ema": ["train.ema_decay=0.999"],  # validate and keep the moving average of the weights
+    "node32": ["model.node_dim=32"],  # 32 learned numbers per sensor, mapped to the width (STID's size)
     "dow_off": ["model.day_of_week=off"],  # no day-of-week input (LOS-LOOP's test weekdays are unseen in training)
     "tod_off": ["model.time_of_day=off"],
     "global_head": ["model.global_head=true"],  # a head that RevIN's window std does not scale (probe)

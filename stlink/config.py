@@ -92,6 +92,7 @@ class ModelConfig:
     day_of_week: str = "weekday_weekend"  # full | weekday_weekend | off (LOS-LOOP's test weekdays never occur in training)
     node_embedding: str = "free"  # free (learned vector per sensor) | laplacian (learned map of eigenvectors) | none
     node_eigvecs: int = 32      # Laplacian eigenvectors behind node_embedding=laplacian
+    node_dim: int = 0           # free: 0 = a full-width vector per sensor; k > 0 = k numbers per sensor, mapped to the width
     graph_features: str = "off"  # diffusion (neighbours' readings, downstream and upstream, on each token) | off
     graph_bias: str = "off"     # hops: a learned attention bias per head and hop distance on the road graph | off
     graph_hops: int = 2         # diffusion: 1..hops steps along the road graph, each direction
@@ -354,7 +355,7 @@ def check_params(params: Params) -> Params:
                 "train.batch_size", "evaluate.batch_size", "score.batch_size"):
         if get(key) < 1:
             raise ConfigError(f"{key}={get(key)!r}: must be at least 1")
-    for key in ("train.lr", "train.epochs", "train.weight_decay", "train.warmup_steps", "train.patience"):
+    for key in ("train.lr", "train.epochs", "train.weight_decay", "train.warmup_steps", "train.patience", "model.node_dim"):
         if get(key) < 0:
             raise ConfigError(f"{key}={get(key)!r}: must be >= 0")
     if params.prepare.input_len % params.model.patch_len:

@@ -272,15 +272,17 @@ def test_attention_is_bidirectional():
     assert (after[:, :, 0] - before[:, :, 0]).abs().max() > 1e-3, "the first sensor cannot see the last one"
 
 
-@pytest.mark.parametrize("node_embedding", ["laplacian", "free", "none"])
-def test_permuting_sensors_and_graph_permutes_the_forecast(node_embedding):
+@pytest.mark.parametrize("node_embedding, node_dim", [("laplacian", 0), ("free", 0), ("free", 3), ("none", 0)])
+def test_permuting_sensors_and_graph_permutes_the_forecast(node_embedding, node_dim):
     """Equivariance: relabelling sensors (and the graph) relabels the forecast.  ``laplacian`` identities
-    follow the graph by construction; a ``free`` table has to be relabelled with the sensors."""
+    follow the graph by construction; a ``free`` table (full width, or node_dim numbers per sensor and a
+    shared map) has to be relabelled with the sensors."""
     perm = torch.tensor([2, 4, 0, 1, 3])
     adjacency = _adjacency()
-    model = _build(seed=3, adjacency=adjacency, node_embedding=node_embedding)
-    model_perm = _build(seed=3, adjacency=adjacency[perm][:, perm], node_embedding=node_embedding)
+    model = _build(seed=3, adjacency=adjacency, node_embedding=node_embedding, node_dim=node_dim)
+    model_perm = _build(seed=3, adjacency=adjacency[perm][:, perm], node_embedding=node_embedding, node_dim=node_dim)
     if node_embedding == "free":
+        assert model.identity.table.shape == (N, node_dim or model.norm.normalized_shape[0])
         with torch.no_grad():
             model_perm.identity.table.copy_(model.identity.table[perm])
     batch = _batch()

@@ -78,15 +78,23 @@ class CalendarEncoding(nn.Module):
 class SensorIdentity(nn.Module):
     """A vector per sensor added to every token of that sensor (STID's node embedding).
 
-    ``free``: a learned (N, D) table.  ``laplacian``: a learned linear map of the first k Laplacian
+    ``free``: a learned (N, D) table, or with ``dim`` > 0 a learned (N, dim) table and a learned map to D
+    (fewer numbers per sensor, as STID's 32).  ``laplacian``: a learned linear map of the first k Laplacian
     eigenvectors, so relabelling the sensors (with the graph) permutes the vectors and nothing else.
     """
 
-    def __init__(self, mode: str, n_sensors: int, hidden: int, adjacency: np.ndarray, n_eigvecs: int, init_std: float):
+    def __init__(self, mode: str, n_sensors: int, hidden: int, adjacency: np.ndarray, n_eigvecs: int, init_std: float,
+                 dim: int = 0):
         super().__init__()
         self.mode = mode
+        if dim < 0:
+            raise ValueError(f"model.node_dim must be >= 0, got {dim}")
+        self.proj = None
         if mode == "free":
-            self.table = nn.Parameter(torch.randn(n_sensors, hidden) * init_std)          # (N, D)
+            self.table = nn.Parameter(torch.randn(n_sensors, dim or hidden) * (dim ** -0.5 if dim else init_std))  # (N, k|D)
+            if dim:
+                self.proj = nn.Linear(dim, hidden, bias=False)
+                nn.init.normal_(self.proj.weight, std=init_std)
         else:
             self.register_buffer("eigvecs", torch.as_tensor(laplacian_eigenvectors(adjacency, n_eigvecs)))  # (N, k)
             self.proj = nn.Linear(n_eigvecs, hidden, bias=False)
@@ -94,7 +102,9 @@ class SensorIdentity(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """(N, D)."""
-        return self.table if self.mode == "free" else self.proj(self.eigvecs)
+        if self.mode == "free":
+            return self.table if self.proj is None else self.proj(self.table)
+        return self.proj(self.eigvecs)
 
 
 class PatchEmbedding(nn.Module):
@@ -194,7 +204,8 @@ class Forecaster(nn.Module):
         self.revin = RevIN(n_channels, mcfg.revin_affine and mcfg.revin)
         self.embed = PatchEmbedding(mcfg.patch_len, n_channels, hidden, steps_per_day, init_std,
                                     mcfg.time_of_day, mcfg.day_of_week, mcfg.tod_harmonics)
-        self.identity = (SensorIdentity(mcfg.node_embedding, n_sensors, hidden, adjacency, mcfg.node_eigvecs, init_std)
+        self.identity = (SensorIdentity(mcfg.node_embedding, n_sensors, hidden, adjacency, mcfg.node_eigvecs, init_std,
+                                        mcfg.node_dim)
                          if mcfg.node_embedding != "none" else None)
         # not "graph": torch.export's GraphModule owns that attribute name (the dynamo exporter fails on it)
         self.neighbours = (NeighbourFeatures(adjacency, mcfg.graph_hops, mcfg.patch_len, n_channels, hidden, init_std)
