@@ -102,7 +102,7 @@ class ModelConfig:
     spatial_dim: int = 8        # Laplacian eigenvectors used for the sensor phases
     global_head: bool = False   # a second linear head added after RevIN in global z units (flat windows can still move)
     window_skip: str = "off"    # linear: a per-step linear map of the sensor's own z-scored window added to the forecast
-                                # (initialised to repeat the last reading) | off
+                                # (initialised to repeat the last reading) | sensor: one such map per sensor | off
     head: str = "linear"        # linear | mlp (a trainable non-linearity after the frozen FFN: Linear-GELU-Linear)
     dropout: float = 0.0        # on the tokens entering the backbone and on its output before the head (training only)
     mrffn: str = "on"           # on | off
@@ -324,7 +324,7 @@ CHOICES: dict[str, tuple[str, ...]] = {  # params whose value is one of a few wo
     "train.device": ("auto", "cpu", "cuda"),
     "model.graph_features": ("diffusion", "off"),
     "model.graph_bias": ("hops", "off"),
-    "model.window_skip": ("linear", "off"),
+    "model.window_skip": ("linear", "sensor", "off"),
     "score.device": ("auto", "cuda", "cpu"),
     "score.format": ("parquet", "csv"),
     "score.variant": ("fp32", "opt", "int8", "fp16"),

@@ -167,11 +167,12 @@ def test_road_graph_options_export_with_parity(tmp_path):
     adjacency = np.eye(N, dtype=np.float32) + np.eye(N, k=1, dtype=np.float32)
     torch.manual_seed(0)
     model = build_forecaster(ModelConfig(backbone="tiny", mrffn="off", patch_len=6, graph_features="diffusion",
-                                         graph_bias="hops", window_skip="linear"), n_sensors=N, n_channels=1, input_len=L,
+                                         graph_bias="hops", window_skip="sensor"), n_sensors=N, n_channels=1, input_len=L,
                              output_len=12, steps_per_day=48, adjacency=adjacency, scaler_mean=[50.0],
                              scaler_std=[10.0], memory_keys=None).eval()
     with torch.no_grad():
         model.attn_bias.table.normal_()
+        model.skip.weight.normal_()                                    # one map per sensor (an einsum)
     rec = export_onnx(model, tmp_path / "graph.onnx", n_sensors=N, input_len=L, n_channels=1)
     assert rec["passed"] is True and rec["max_abs_diff"] < 1e-4
     assert rec["exporter"] == "dynamo"  # a submodule named like a GraphModule attribute made it fall back

@@ -272,15 +272,23 @@ def test_attention_is_bidirectional():
     assert (after[:, :, 0] - before[:, :, 0]).abs().max() > 1e-3, "the first sensor cannot see the last one"
 
 
-@pytest.mark.parametrize("node_embedding, node_dim", [("laplacian", 0), ("free", 0), ("free", 3), ("none", 0)])
-def test_permuting_sensors_and_graph_permutes_the_forecast(node_embedding, node_dim):
+@pytest.mark.parametrize("node_embedding, node_dim, skip", [("laplacian", 0, "off"), ("free", 0, "off"),
+                                                             ("free", 3, "sensor"), ("none", 0, "linear")])
+def test_permuting_sensors_and_graph_permutes_the_forecast(node_embedding, node_dim, skip):
     """Equivariance: relabelling sensors (and the graph) relabels the forecast.  ``laplacian`` identities
     follow the graph by construction; a ``free`` table (full width, or node_dim numbers per sensor and a
-    shared map) has to be relabelled with the sensors."""
+    shared map) and per-sensor skip maps have to be relabelled with the sensors."""
     perm = torch.tensor([2, 4, 0, 1, 3])
     adjacency = _adjacency()
-    model = _build(seed=3, adjacency=adjacency, node_embedding=node_embedding, node_dim=node_dim)
-    model_perm = _build(seed=3, adjacency=adjacency[perm][:, perm], node_embedding=node_embedding, node_dim=node_dim)
+    options = {"node_embedding": node_embedding, "node_dim": node_dim, "window_skip": skip}
+    model = _build(seed=3, adjacency=adjacency, **options)
+    model_perm = _build(seed=3, adjacency=adjacency[perm][:, perm], **options)
+    if skip == "sensor":
+        with torch.no_grad():
+            model.skip.weight.normal_()                                # every sensor its own map
+            model.skip.bias.normal_()
+            model_perm.skip.weight.copy_(model.skip.weight[perm])
+            model_perm.skip.bias.copy_(model.skip.bias[perm])
     if node_embedding == "free":
         assert model.identity.table.shape == (N, node_dim or model.norm.normalized_shape[0])
         with torch.no_grad():
@@ -575,11 +583,12 @@ def test_graph_options_are_equivariant_and_use_the_graph(options):
 
 
 @pytest.mark.parametrize("revin", [False, True])
-def test_window_skip_starts_as_the_last_reading_and_learns_the_change(revin):
-    """window_skip=linear adds Linear(L -> H) of the sensor's own z-scored window, initialised to repeat
-    its last reading: with the network's head silenced the forecast is the last valid reading (the
-    scaler mean where it is missing), at full precision; without the skip it is not."""
-    model, plain = _build(seed=3, window_skip="linear", revin=revin), _build(seed=3, revin=revin)
+@pytest.mark.parametrize("skip", ["linear", "sensor"])
+def test_window_skip_starts_as_the_last_reading_and_learns_the_change(skip, revin):
+    """window_skip adds Linear(L -> H) of the sensor's own z-scored window (one shared map, or one per
+    sensor), initialised to repeat its last reading: with the network's head silenced the forecast is
+    the last valid reading (the scaler mean where it is missing); without the skip it is not."""
+    model, plain = _build(seed=3, window_skip=skip, revin=revin), _build(seed=3, revin=revin)
     batch = _batch()
     last, valid = batch["x"][:, -1, :, 0], batch["x_mask"][:, -1]              # (B, N)
     expected = torch.where(valid, last, torch.full_like(last, 50.0))[:, None].expand(-1, H, -1)  # (B, H, N)

@@ -31,7 +31,7 @@ DAY_OF_WEEK = {"full": "full", "weekday_weekend": "weekday_weekend", "off": "off
 NODE_EMBEDDING = ("free", "laplacian", "none")
 GRAPH_FEATURES = ("diffusion", "off")
 GRAPH_BIAS = ("hops", "off")
-WINDOW_SKIP = ("linear", "off")
+WINDOW_SKIP = ("linear", "sensor", "off")
 FOURIER_HARMONICS = 6  # default model.tod_harmonics: sin/cos of 1..6 cycles per day
 
 
@@ -147,6 +147,26 @@ def last_value_linear(input_len: int, output_len: int) -> nn.Linear:
     return skip
 
 
+class SensorSkip(nn.Module):
+    """One Linear(L -> H) per sensor over its own window, each starting as "repeat the last reading".
+
+    Sensors differ in noise: a noisy one is best forecast from a smoothed window, a clean one from its
+    last reading; a shared map cannot do both.  (B, L, N) -> (B, H, N); relabelling the sensors means
+    relabelling the rows of ``weight`` and ``bias``, like a free sensor identity.
+    """
+
+    def __init__(self, n_sensors: int, input_len: int, output_len: int):
+        super().__init__()
+        weight = torch.zeros(n_sensors, output_len, input_len)
+        weight[:, :, -1] = 1.0
+        self.weight = nn.Parameter(weight)                                   # (N, H, L)
+        self.bias = nn.Parameter(torch.zeros(n_sensors, output_len))         # (N, H)
+
+    def forward(self, z0: torch.Tensor) -> torch.Tensor:
+        """z0 (B, L, N) -> (B, H, N)."""
+        return torch.einsum("bln,nhl->bhn", z0, self.weight) + self.bias.T
+
+
 def level_features(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """RevIN statistics (B, 1, N, C) in z-score units -> (B, N, 2C): window mean and log std."""
     return torch.cat([mean[:, 0], std[:, 0].clamp(min=1e-3).log()], dim=-1)
@@ -242,7 +262,9 @@ class Forecaster(nn.Module):
         if self.global_head is not None:
             nn.init.zeros_(self.global_head.weight)
             nn.init.zeros_(self.global_head.bias)
-        self.skip = last_value_linear(input_len, output_len) if mcfg.window_skip == "linear" else None
+        self.skip = {"linear": lambda: last_value_linear(input_len, output_len),
+                     "sensor": lambda: SensorSkip(n_sensors, input_len, output_len),
+                     "off": lambda: None}[mcfg.window_skip]()
 
     def rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of the N*P tokens in sensor-major order, (1, N*P, head_dim)."""
@@ -285,7 +307,9 @@ class Forecaster(nn.Module):
             y = self.revin.denormalise(y, mean, std)
         if self.global_head is not None:
             y = y + self.global_head(h).transpose(1, 2)                    # (B, H, N), global z units
-        if self.skip is not None:
+        if isinstance(self.skip, SensorSkip):
+            y = y + self.skip(z[..., 0])                                   # (B, H, N), global z units
+        elif self.skip is not None:
             y = y + self.skip(z[..., 0].transpose(1, 2)).transpose(1, 2)   # (B, N, L) -> (B, H, N), global z units
         return y * self.scaler_std[0] + self.scaler_mean[0]
 
