@@ -76,6 +76,7 @@ VARIANTS = {
     "lr_high": ["train.lr=0.005", "train.lora_lr=0.002"],
     "lr_low": ["train.lr=0.002", "train.lora_lr=0.0005"],
     "skip": ["model.window_skip=linear"],  # the sensor's own window, linearly, straight to the forecast
+    "skip_off": ["model.window_skip=off"],  # the default before -g3
     "sensor_skip": ["model.window_skip=sensor"],  # one such linear map per sensor
     "ema": ["train.ema_decay=0.999"],  # validate and keep the moving average of the weights
     "node32": ["model.node_dim=32"],  # 32 learned numbers per sensor, mapped to the width (STID's size)
