@@ -27,6 +27,9 @@ with ``train.device=cpu`` as above.
 - Separate learning rates: ``train.lr`` for the new modules, ``train.lora_lr`` for the LoRA matrices.
 - ``train.max_steps``: an optimizer-step budget; the schedule anneals to 0 at that step, so a short
   run still ends with a small learning rate.
+- ``train.ema_decay`` > 0: an exponential moving average of the trainable weights (``WeightAverage``)
+  is what validation scores and ``run_best.pt`` / ``best.pt`` hold; ``last.pt`` keeps the raw weights
+  and the average, so a resumed run ends like an uninterrupted one.
 - ``max_train_batches`` caps the batches of an epoch (a different random subset each epoch);
   ``max_val_batches`` caps validation to that many batches of evenly spaced windows of the
   validation split (the same ones every epoch).
