@@ -133,38 +133,29 @@ class PatchEmbedding(nn.Module):
         return tokens if cal is None else tokens + cal[:, None]                  # (B, N, P, D)
 
 
-def last_value_linear(input_len: int, output_len: int) -> nn.Linear:
-    """Linear(L -> H) over one sensor's window that starts as "repeat the last reading" (weight[:, -1] = 1).
+class WindowSkip(nn.Module):
+    """Linear(L -> H) over each sensor's own window, starting as "repeat the last reading".
 
-    The window skip: the exact values reach the forecast without passing through the tokens' width, so
-    the network only has to learn the change.  (B, N, L) -> (B, N, H).
-    """
-    skip = nn.Linear(input_len, output_len)
-    with torch.no_grad():
-        skip.weight.zero_()
-        skip.weight[:, -1] = 1.0
-        skip.bias.zero_()
-    return skip
-
-
-class SensorSkip(nn.Module):
-    """One Linear(L -> H) per sensor over its own window, each starting as "repeat the last reading".
-
-    Sensors differ in noise: a noisy one is best forecast from a smoothed window, a clean one from its
-    last reading; a shared map cannot do both.  (B, L, N) -> (B, H, N); relabelling the sensors means
-    relabelling the rows of ``weight`` and ``bias``, like a free sensor identity.
+    ``per_sensor=False`` (``model.window_skip: linear``): one map shared by all sensors, so the exact
+    values reach the forecast without passing through the tokens' width and the network only has to
+    learn the change.  ``per_sensor=True`` (``sensor``): one map per sensor (a noisy sensor could learn
+    to smooth, a clean one to copy); relabelling the sensors means relabelling the rows of ``weight``
+    and ``bias``, like a free sensor identity.
     """
 
-    def __init__(self, n_sensors: int, input_len: int, output_len: int):
+    def __init__(self, n_sensors: int, input_len: int, output_len: int, per_sensor: bool):
         super().__init__()
-        weight = torch.zeros(n_sensors, output_len, input_len)
+        n_maps = n_sensors if per_sensor else 1
+        weight = torch.zeros(n_maps, output_len, input_len)
         weight[:, :, -1] = 1.0
-        self.weight = nn.Parameter(weight)                                   # (N, H, L)
-        self.bias = nn.Parameter(torch.zeros(n_sensors, output_len))         # (N, H)
+        self.weight = nn.Parameter(weight)                                   # (N or 1, H, L)
+        self.bias = nn.Parameter(torch.zeros(n_maps, output_len))            # (N or 1, H)
 
     def forward(self, z0: torch.Tensor) -> torch.Tensor:
         """z0 (B, L, N) -> (B, H, N)."""
-        return torch.einsum("bln,nhl->bhn", z0, self.weight) + self.bias.T
+        n = z0.shape[-1]
+        weight = self.weight.expand(n, -1, -1)                               # (N, H, L)
+        return torch.einsum("bln,nhl->bhn", z0, weight) + self.bias.expand(n, -1).T
 
 
 def level_features(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -262,9 +253,8 @@ class Forecaster(nn.Module):
         if self.global_head is not None:
             nn.init.zeros_(self.global_head.weight)
             nn.init.zeros_(self.global_head.bias)
-        self.skip = {"linear": lambda: last_value_linear(input_len, output_len),
-                     "sensor": lambda: SensorSkip(n_sensors, input_len, output_len),
-                     "off": lambda: None}[mcfg.window_skip]()
+        self.skip = (WindowSkip(n_sensors, input_len, output_len, per_sensor=mcfg.window_skip == "sensor")
+                     if mcfg.window_skip != "off" else None)
 
     def rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of the N*P tokens in sensor-major order, (1, N*P, head_dim)."""
@@ -307,10 +297,8 @@ class Forecaster(nn.Module):
             y = self.revin.denormalise(y, mean, std)
         if self.global_head is not None:
             y = y + self.global_head(h).transpose(1, 2)                    # (B, H, N), global z units
-        if isinstance(self.skip, SensorSkip):
-            y = y + self.skip(z[..., 0])                                   # (B, H, N), global z units
-        elif self.skip is not None:
-            y = y + self.skip(z[..., 0].transpose(1, 2)).transpose(1, 2)   # (B, N, L) -> (B, H, N), global z units
+        if self.skip is not None:
+            y = y + self.skip(z[..., 0])                                   # (B, L, N) -> (B, H, N), global z units
         return y * self.scaler_std[0] + self.scaler_mean[0]
 
 

@@ -409,6 +409,12 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
     ema = WeightAverage(accelerator.unwrap_model(model), tc.ema_decay) if tc.ema_decay > 0 else None
     averaged = (lambda: ema.swapped(accelerator.unwrap_model(model))) if ema is not None else contextlib.nullcontext
 
+    def current_payload() -> dict[str, Any]:
+        """The model's trainable state (as it is now: averaged inside ``averaged()``) and what it was trained on."""
+        payload = model_payload(accelerator.unwrap_model(model), inputs, fingerprint)
+        payload.update(data_sha256=checksum, params=to_dict(params))
+        return payload
+
     state = {"epoch": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "stopped": False}
     history: list[dict[str, Any]] = []
     last_path = out_dir / "last.pt"
@@ -443,15 +449,11 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
             record.update(val_mae=val["mae"], val_rmse=val["rmse"])
             improved = _update_state(state, epoch, val["mae"], tc.patience)
             history.append(record)
+            kept = current_payload() if main and (improved or ema is None) else None
             if main and improved:  # this run's best so far; it becomes best.pt only when the run completes
-                best_payload = model_payload(accelerator.unwrap_model(model), inputs, fingerprint)
-                best_payload.update(data_sha256=checksum, params=to_dict(params))
-                save_checkpoint({**best_payload, "epoch": epoch + 1, "val_mae": val["mae"]}, out_dir / RUN_BEST)
+                save_checkpoint({**kept, "epoch": epoch + 1, "val_mae": val["mae"]}, out_dir / RUN_BEST)
         if main:
-            payload = model_payload(accelerator.unwrap_model(model), inputs, fingerprint)  # the raw weights
-            payload.update(data_sha256=checksum, params=to_dict(params))
-            if ema is not None:
-                payload["ema"] = ema.state_dict()
+            payload = kept if ema is None else {**current_payload(), "ema": ema.state_dict()}  # the raw weights
             save_checkpoint({**payload, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "state": dict(state), "history": history, "rng": rng_state()}, last_path)
             write_json(out_dir / "train_metrics.json", _summary(history, state, extra))
