@@ -4,6 +4,7 @@
     python bench/bench_model.py --dataset los-loop          # needs ../shared/data/LOS-LOOP
     python bench/bench_model.py --dataset los-metr          # the same speeds, METR-LA's directed graph
     python bench/bench_model.py --dataset synthetic-large   # another simulated city: 120 sensors, seed 7
+    python bench/bench_model.py --dataset synthetic-long    # 120 days instead of 28 (other seed)
     python bench/bench_model.py --dataset synthetic --variants stlink,spatial_off -S train.epochs=2
 
 Each variant runs the project's own steps (ingest -> prepare -> train -> evaluate) in a separate
@@ -36,6 +37,8 @@ DATASETS = {
 # a network the defaults were not tuned on: 6 corridors of 10 stations, both directions, other seed
 DATASETS["synthetic-large"] = ["data.dataset=synthetic-large", "data.synthetic.n_corridors=6",
                                "data.synthetic.sensors_per_corridor=10", "data.synthetic.seed=7"]
+# a long record (120 days: the default budget then sees each training window about once, as on PEMS-BAY or METR-LA)
+DATASETS["synthetic-long"] = ["data.dataset=synthetic-long", "data.synthetic.days=120", "data.synthetic.seed=3"]
 LOS_METR = ROOT / "bench" / "work" / "los-metr" / "source"
 DATASETS["los-metr"] = ["data.dataset=los-metr", "data.source=tgcn", f"data.path={LOS_METR}",
                         "data.start_time='2012-03-01 00:00:00'", "data.freq=5min"]
