@@ -110,7 +110,29 @@ VARIANTS = {
 BASELINES = ("last_value", "historical_average", "seasonal_naive")
 
 
-def run_one(dataset: str, variant: str, extra: list[str], work: Path, tag: str = "") -> dict:
+def warm_start(model, source: Path) -> None:
+    """Copy a finished run's trained parameters into ``model`` where name and shape agree, except the
+    per-sensor ones (first dimension = the sensor count): buffers (scaler, graph tables) stay this
+    dataset's.  ``--init-from``: does a model trained on another (e.g. simulated) city help here?"""
+    from stlink.training.checkpoint import load_checkpoint
+
+    state = load_checkpoint(Path(source) / "best.pt")["model"]
+    own = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    loaded = [k for k, v in state.items() if k in own and own[k].shape == v.shape
+              and not (v.ndim and v.shape[0] == model.n_sensors)]
+    if not loaded:
+        raise SystemExit(f"--init-from {source}: no parameter fits this model")
+    import torch
+
+    with torch.no_grad():
+        for k in loaded:
+            own[k].copy_(state[k])
+    print(f"warm start from {source}: {len(loaded)} of {len(own)} trainable tensors loaded; "
+          f"kept fresh: {sorted(set(own) - set(loaded))}", flush=True)
+
+
+def run_one(dataset: str, variant: str, extra: list[str], work: Path, tag: str = "",
+            init_from: Path | None = None) -> dict:
     """Prepare (cached per dataset), train and evaluate one variant in this process."""
     from stlink.config import load_params
     from stlink.data.ingest import ingest
@@ -134,7 +156,8 @@ def run_one(dataset: str, variant: str, extra: list[str], work: Path, tag: str =
     cache = ROOT / "models" / "backbones"
     model_dir, rep = work / f"{variant}{tag}" / "model", work / f"{variant}{tag}" / "reports"
     t0 = time.perf_counter()
-    summary = train(params, out_dir=model_dir, data_dir=proc, cache_dir=cache)
+    summary = train(params, out_dir=model_dir, data_dir=proc, cache_dir=cache,
+                    init=None if init_from is None else lambda m: warm_start(m, init_from))
     metrics = evaluate(params, model_dir=model_dir, out_dir=rep, data_dir=proc, cache_dir=cache)
     return {"variant": variant, "seed": params.train.seed, "train": summary,
             "wall_s": time.perf_counter() - t0, "test": metrics["test"], "val": metrics["val"]}
@@ -237,6 +260,8 @@ def main() -> int:
     ap.add_argument("-S", "--set", action="append", default=[], help="extra param overrides")
     ap.add_argument("--tag", default="", help="suffix of the result files (bench/results/<dataset><tag>.md)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
+    ap.add_argument("--init-from", help="warm start every run from a finished run's model folder; {seed} is "
+                                        "replaced by the seed, e.g. bench/work/synthetic-large/stid-u-s{seed}/model")
     ap.add_argument("--collect", action="store_true",
                     help="do not train: build the tables from finished runs under bench/work (resumable benchmarks)")
     args = ap.parse_args()
@@ -247,7 +272,8 @@ def main() -> int:
     if args.dataset == "los-metr":
         los_metr_source()
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.dataset, args.one, args.set, work, args.tag)))
+        init_from = None if args.init_from is None else Path(args.init_from)
+        print("RESULT " + json.dumps(run_one(args.dataset, args.one, args.set, work, args.tag, init_from)))
         return 0
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
@@ -264,6 +290,8 @@ def main() -> int:
             tag = f"{args.tag}-s{seed}"
             cmd = [sys.executable, __file__, "--dataset", args.dataset, "--one", variant, f"--tag={tag}"]
             cmd += [a for s in args.set for a in ("-S", s)] + ["-S", f"train.seed={seed}"]
+            if args.init_from:
+                cmd.append(f"--init-from={args.init_from.format(seed=seed)}")
             print(f"== {args.dataset} / {variant} / seed {seed}  ({time.strftime('%H:%M:%S')})", flush=True)
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
             if proc.returncode:

@@ -621,3 +621,18 @@ def test_global_head_starts_silent_and_lets_a_flat_window_move():
         with_global.global_head.bias.fill_(-1.0)                       # one global std down at every step
         moved = with_global(x, batch["x_mask"], batch["tod"], batch["dow"])
     torch.testing.assert_close(moved, torch.full_like(moved, 50.0), atol=0.1, rtol=0.0)
+
+
+def test_window_skip_loads_checkpoints_of_the_former_linear_layout():
+    """Before commit f4a1d31 the shared skip was an ``nn.Linear`` (weight (H, L), bias (H,)): such a
+    checkpoint loads into the one-module skip and forecasts the same; a per-sensor skip refuses it."""
+    from stlink.model.forecaster import WindowSkip
+
+    old = torch.nn.Linear(L, H)
+    torch.nn.init.normal_(old.weight)
+    skip = WindowSkip(n_sensors=4, input_len=L, output_len=H, per_sensor=False)
+    skip.load_state_dict(old.state_dict())
+    z0 = torch.randn(2, L, 4)                                              # (B, L, N)
+    torch.testing.assert_close(skip(z0), old(z0.transpose(1, 2)).transpose(1, 2))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        WindowSkip(n_sensors=4, input_len=L, output_len=H, per_sensor=True).load_state_dict(old.state_dict())

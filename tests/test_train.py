@@ -161,10 +161,11 @@ def test_resume_after_interruption_equals_uninterrupted_run(data_dir, tmp_path):
         train(tiny_params(epochs=3), tmp_path / "cut", data_dir=data_dir, cache_dir=cache,
               on_epoch_end=crash_after_first)
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["state"]["epoch"] == 1
-    seen = []
+    seen, inits = [], []
     resumed = train(tiny_params(epochs=3), tmp_path / "cut", resume=True, data_dir=data_dir, cache_dir=cache,
-                    on_epoch_end=lambda e, r: seen.append(e))
+                    on_epoch_end=lambda e, r: seen.append(e), init=inits.append)
     assert seen == [2, 3]  # epoch 1 was not trained again
+    assert inits == []     # a resumed run keeps its own weights: no warm start
     for key in ("train_loss", "val_mae", "lr"):
         assert [h[key] for h in resumed["history"]] == [h[key] for h in full["history"]], key
     a, b = (load_checkpoint(tmp_path / d / "last.pt") for d in ("full", "cut"))
@@ -298,3 +299,23 @@ def test_hiding_readings_masks_only_inputs_at_the_rate():
     hidden = (mask & ~out["x_mask"]).sum() / mask.sum()
     assert 0.22 < float(hidden) < 0.28
     assert out["y_mask"] is batch["y_mask"] and out["x"] is batch["x"]  # targets and values untouched
+
+
+def test_warm_start_hook_sets_the_starting_weights(data_dir, tmp_path):
+    """``train(init=...)`` runs once on the fresh model before the first step: warm-started from a trained
+    model, the first epoch's training loss is that model's level, not a random start's."""
+    cache = tmp_path / "bb"
+    trained = run(data_dir, tmp_path / "trained", cache, epochs=3)
+    state = load_checkpoint(tmp_path / "trained" / "best.pt")["model"]
+    calls = []
+
+    def warm(model):
+        calls.append(type(model).__name__)
+        model.load_state_dict(state, strict=False)
+
+    fresh = run(data_dir, tmp_path / "fresh", cache, epochs=1)
+    warmed = train(tiny_params(epochs=1), tmp_path / "warm", data_dir=data_dir, cache_dir=cache, init=warm)
+    assert calls == ["Forecaster"]
+    first = warmed["history"][0]["train_loss"]
+    assert first < fresh["history"][0]["train_loss"]
+    assert first <= 1.1 * trained["history"][-1]["train_loss"]

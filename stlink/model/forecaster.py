@@ -151,6 +151,15 @@ class WindowSkip(nn.Module):
         self.weight = nn.Parameter(weight)                                   # (N or 1, H, L)
         self.bias = nn.Parameter(torch.zeros(n_maps, output_len))            # (N or 1, H)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints written before the two maps became one module (commit f4a1d31) hold the shared map as
+        an ``nn.Linear``: weight (H, L), bias (H,).  They load as the one map they are."""
+        for name, ndim in (("weight", 2), ("bias", 1)):
+            value = state_dict.get(prefix + name)
+            if value is not None and value.ndim == ndim and self.weight.shape[0] == 1:
+                state_dict[prefix + name] = value[None]                      # (1, H, L) / (1, H)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, z0: torch.Tensor) -> torch.Tensor:
         """z0 (B, L, N) -> (B, H, N)."""
         n = z0.shape[-1]

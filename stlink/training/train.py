@@ -362,7 +362,8 @@ def _keep_or_replace_best(out_dir: Path, checksum: str, force: bool) -> dict[str
 def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = False, *,
           data_dir: Path | None = None, cache_dir: Path = DEFAULT_CACHE_DIR,
           on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
-          replace_best: bool = False) -> dict[str, Any]:
+          replace_best: bool = False,
+          init: Callable[[torch.nn.Module], None] | None = None) -> dict[str, Any]:
     """Train on ``data_dir`` (default ``params.processed_dir``) into ``out_dir``; returns the summary.
 
     ``resume=True`` continues from ``out_dir/last.pt`` when it holds a run of the same data and
@@ -370,7 +371,9 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
     starts fresh.  The previous ``last.pt`` is replaced only by this run's first complete epoch; this
     run's best epoch goes to ``run_best.pt`` and replaces ``best.pt`` at the end only when it is at
     least as good on the same data, or ``replace_best`` (summary: ``best_replaced``).  ``on_epoch_end(epoch, record)`` is
-    called after each epoch's files are written (epoch 1-based).
+    called after each epoch's files are written (epoch 1-based).  ``init(model)`` is called once on the
+    freshly built model of a run that does not resume, before training (a warm start; the benchmark's
+    ``--init-from`` uses it).
     The summary (also ``out_dir/train_metrics.json``): best_val_mae, best_epoch, epochs_run,
     stopped_early, seconds_per_epoch, samples_per_s, trainable_params, total_params,
     peak_memory_mb, device, num_processes, mixed_precision, data_sha256, history (per epoch:
@@ -432,6 +435,10 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
     else:
         if resume:
             log.warning("not resuming %s: %s; training from scratch", last_path, mismatch or "no checkpoint")
+        if init is not None:
+            init(accelerator.unwrap_model(model))
+            if ema is not None:  # the average starts from the warm-started weights
+                ema = WeightAverage(accelerator.unwrap_model(model), tc.ema_decay)
         # a fresh run: the previous best.pt and last.pt stay until this run has complete replacements
         # (last.pt after its first epoch; best.pt at its end, see _keep_or_replace_best)
 
