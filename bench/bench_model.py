@@ -114,6 +114,8 @@ def warm_start(model, source: Path) -> None:
     """Copy a finished run's trained parameters into ``model`` where name and shape agree, except the
     per-sensor ones (first dimension = the sensor count): buffers (scaler, graph tables) stay this
     dataset's.  ``--init-from``: does a model trained on another (e.g. simulated) city help here?"""
+    import torch
+
     from stlink.training.checkpoint import load_checkpoint
 
     state = load_checkpoint(Path(source) / "best.pt")["model"]
@@ -122,8 +124,6 @@ def warm_start(model, source: Path) -> None:
               and not (v.ndim and v.shape[0] == model.n_sensors)]
     if not loaded:
         raise SystemExit(f"--init-from {source}: no parameter fits this model")
-    import torch
-
     with torch.no_grad():
         for k in loaded:
             own[k].copy_(state[k])

@@ -398,6 +398,12 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
     set_seed(tc.seed)
     inputs = build_inputs(params, data, memory_keys_for(params, train_ds))
     model = build_model(params, inputs, cache_dir)  # prints the trainable parameter count
+    last_path = out_dir / "last.pt"
+    ckpt = load_checkpoint(last_path) if resume and last_path.exists() else None
+    mismatch = None if ckpt is None else _resume_mismatch(ckpt, params, checksum)
+    resuming = ckpt is not None and mismatch is None
+    if init is not None and not resuming:
+        init(model)  # a warm start, before the optimizer and the weight average take the weights
     fingerprint = frozen_fingerprint(model)
     extra = {"trainable_params": sum(trainable_parameters(model).values()),
              "total_params": sum(p.numel() for p in model.parameters()), "device": str(accelerator.device),
@@ -420,10 +426,7 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
 
     state = {"epoch": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "stopped": False}
     history: list[dict[str, Any]] = []
-    last_path = out_dir / "last.pt"
-    ckpt = load_checkpoint(last_path) if resume and last_path.exists() else None
-    mismatch = None if ckpt is None else _resume_mismatch(ckpt, params, checksum)
-    if ckpt is not None and mismatch is None:
+    if resuming:
         load_trainable_state(accelerator.unwrap_model(model), ckpt["model"], last_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -435,10 +438,6 @@ def train(params: Params, out_dir: Path = Path("models/stlink"), resume: bool = 
     else:
         if resume:
             log.warning("not resuming %s: %s; training from scratch", last_path, mismatch or "no checkpoint")
-        if init is not None:
-            init(accelerator.unwrap_model(model))
-            if ema is not None:  # the average starts from the warm-started weights
-                ema = WeightAverage(accelerator.unwrap_model(model), tc.ema_decay)
         # a fresh run: the previous best.pt and last.pt stay until this run has complete replacements
         # (last.pt after its first epoch; best.pt at its end, see _keep_or_replace_best)
 
